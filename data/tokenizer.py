@@ -1,0 +1,162 @@
+"""Tokenizers: character-level, a byte-level BPE trained here, and GPT-2's (online).
+
+Byte-pair encoding (Sennrich et al. 2016, arXiv:1508.07909; byte-level as in GPT-2,
+Radford et al. 2019 section 2.2): start from the 256 byte values and repeatedly merge
+the most frequent adjacent pair into a new token. Text is first split into "words" by
+GPT-2's regular expression so merges never cross a word boundary.
+
+The trained merges are handed to `tiktoken.Encoding` (its Rust BPE encodes millions of
+tokens per second). tiktoken ranks tokens by their bytes: token id = merge order, the
+256 single bytes first. The file format is tiktoken's own: one `base64(bytes) id` per line.
+
+Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str and n_vocab.
+"""
+
+import base64
+import json
+import os
+from collections import Counter, defaultdict
+
+import regex  # a dependency of tiktoken; supports \p{L} like GPT-2's pattern needs
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- char
+class CharTokenizer:
+    """One token per character of the training text (nanoGPT's shakespeare_char)."""
+
+    def __init__(self, chars):
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.n_vocab = len(chars)
+        self.eot_token = None
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this character-level vocabulary "
+                             f"of {self.n_vocab} characters") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+# ----------------------------------------------------------------------------- BPE
+def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, verbose=False):
+    """Learn byte-level BPE merges from text; returns {token bytes: id} for tiktoken.
+
+    vocab_size counts the 256 bytes, the merges and one <|endoftext|> special token.
+    Pair counts are kept up to date incrementally: a merge only revisits the words that
+    contain the merged pair, so this takes seconds on a megabyte of text.
+    """
+    if vocab_size < 257:
+        raise ValueError(f"a byte-level BPE needs vocab_size >= 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+    word_counts = Counter(regex.findall(pattern, text))
+    words = [list(w.encode("utf-8")) for w in word_counts]  # each word as a list of token ids
+    counts = list(word_counts.values())
+    pair_counts = Counter()
+    where = defaultdict(set)  # pair -> indices of the words that contain it
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += counts[i]
+            where[pair].add(i)
+
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
+    ranks = {b: i for i, b in enumerate(vocab)}  # bytes -> id
+    while len(vocab) < vocab_size - 1 and pair_counts:
+        pair = max(pair_counts, key=pair_counts.get)  # the most frequent pair (first seen wins ties)
+        if pair_counts[pair] < 2:
+            break  # nothing left worth merging
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new_id = ranks.get(merged)
+        if new_id is None:  # the same bytes may arise from two different pairs: keep one id
+            new_id = len(vocab)
+            vocab.append(merged)
+            ranks[merged] = new_id
+        for i in list(where[pair]):
+            _merge_word(words, i, pair, new_id, counts[i], pair_counts, where)
+        if verbose and len(vocab) % 500 == 0:
+            print(f"bpe: {len(vocab)} tokens, last {merged!r}")
+    return ranks
+
+
+def _merge_word(words, i, pair, new_id, count, pair_counts, where):
+    """Replace every occurrence of `pair` in word i by new_id, updating the pair counts."""
+    w = words[i]
+    for p in zip(w, w[1:]):  # take the word's old pairs out ...
+        pair_counts[p] -= count
+        if pair_counts[p] <= 0:
+            del pair_counts[p]
+        where[p].discard(i)
+    out, j = [], 0
+    while j < len(w):
+        if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
+            out.append(new_id)
+            j += 2
+        else:
+            out.append(w[j])
+            j += 1
+    words[i] = out
+    for p in zip(out, out[1:]):  # ... and the new ones in
+        pair_counts[p] += count
+        where[p].add(i)
+
+
+def bpe_encoding(ranks, name="bpe"):
+    """A tiktoken.Encoding over our merges, with <|endoftext|> as the last id."""
+    import tiktoken
+
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
+
+
+def save_bpe(ranks, path):
+    """tiktoken's file format: `base64(token bytes) id` per line, in id order."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    os.replace(tmp, path)
+
+
+def load_bpe(path):
+    with open(path) as f:
+        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+
+
+# ----------------------------------------------------------------------------- loading
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding (50257 tokens); tiktoken downloads it on first use."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise RuntimeError(f"tiktoken could not load the 'gpt2' encoding ({type(e).__name__}: {e}); it is "
+                           f"downloaded on first use, which needs the internet. Offline, use --tokenizer bpe "
+                           f"(trained here) or --tokenizer char") from None
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer a prepared dataset (or a training out_dir) was made with, from its meta.json."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: prepare the data first, e.g. "
+                                f"`python data/prepare.py --out {data_dir}`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    kind = meta["tokenizer"]
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    if kind == "bpe":
+        path = os.path.join(data_dir, meta["tokenizer_file"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"BPE tokenizer file {path} not found (named in {meta_path}); "
+                                    f"re-run data/prepare.py to recreate it")
+        return bpe_encoding(load_bpe(path))
+    if kind == "gpt2":
+        return gpt2_encoding()
+    raise ValueError(f"{meta_path}: unknown tokenizer {kind!r} (expected char, bpe or gpt2)")

@@ -1,0 +1,119 @@
+"""Sample text from a trained model or a Hugging Face Llama checkpoint, streaming tokens.
+
+    python sample.py --out_dir out/demo --prompt "The for statement"
+    python sample.py --out_dir out/demo --prompt FILE:prompt.txt --temperature 0.8 --top_k 200 \\
+        --top_p 0.95 --num_samples 3 --max_new_tokens 300 --seed 1
+    python sample.py --hf_dir path/to/TinyLlama-1.1B --prompt "Once upon a time"
+
+Decoding reads the prompt once into a KV cache and then feeds one token per step
+(model.generate_tokens). temperature 0 is greedy; top_k keeps the k most likely tokens,
+top_p the smallest set whose probability reaches p (Holtzman et al. 2019, nucleus).
+"""
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from data.tokenizer import load_tokenizer
+from model import ModelConfig, Transformer
+from train import load_checkpoint, resolve_device
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (the `tokenizers` package ships with transformers)."""
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("reading a Hugging Face tokenizer.json needs `pip install tokenizers`") from None
+        self.tok = Tokenizer.from_file(path)
+        self.n_vocab = self.tok.get_vocab_size()
+        self.eot_token = self.tok.token_to_id("</s>")
+
+    def encode(self, text):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def load_model(args, device):
+    """(model, tokenizer) from --out_dir (our checkpoint) or --hf_dir."""
+    if args.hf_dir:
+        tok_path = os.path.join(args.hf_dir, "tokenizer.json")
+        if not os.path.exists(tok_path):
+            raise FileNotFoundError(f"tokenizer {tok_path} not found next to the Hugging Face checkpoint")
+        return Transformer.from_hf(args.hf_dir, device=device), HFTokenizer(tok_path)
+    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), load_tokenizer(args.out_dir)
+
+
+def read_prompt(prompt):
+    if prompt.startswith("FILE:"):
+        path = prompt[len("FILE:"):]
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"prompt file {path} not found")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return prompt
+
+
+def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
+    """Generate one sample, printing text as soon as it decodes to whole characters."""
+    x = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
+    ids = list(prompt_ids)
+    printed = tokenizer.decode(ids)
+    out.write(printed)
+    for next_id in model.generate_tokens(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                         eos_id=args.eos_id, generator=generator):
+        ids.append(int(next_id[0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # a byte-level token may end inside a UTF-8 character
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    out.write("\n")
+    return ids
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out/debug", help="a training out_dir (ckpt.pt + tokenizer)")
+    p.add_argument("--hf_dir", default="", help="a Hugging Face Llama checkpoint directory instead")
+    p.add_argument("--prompt", default="\n", help="the prompt text, or FILE:path")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eos_id", type=int, default=None, help="stop a sample at this token id")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        model, tokenizer = load_model(args, device)
+        model.eval()
+        prompt_ids = tokenizer.encode(read_prompt(args.prompt))
+        if not prompt_ids:
+            raise ValueError("the prompt encodes to no tokens; give some text")
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        with autocast:
+            for k in range(args.num_samples):
+                if args.num_samples > 1:
+                    print(f"--- sample {k + 1}/{args.num_samples}")
+                stream(model, tokenizer, prompt_ids, args, generator)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
