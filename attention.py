@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped key/value heads, rotary positions and a KV cache.
+r"""Causal self-attention with grouped key/value heads, rotary positions and a KV cache.
 
 Papers (summaries in PAPERS.md):
   - Attention Is All You Need (arXiv:1706.03762), section 3.2.1: softmax(QK^T / sqrt(d)) V.

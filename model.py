@@ -239,8 +239,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        eos_id=None, generator=None):
+                        eos_id=None, generator=None, n_vocab=None):
         """Yield the next token of every row, (B,), one step at a time (for streaming).
+
+        n_vocab limits sampling to the first n_vocab ids: the tokenizer's, when the
+        embedding has more rows than the tokenizer has tokens.
 
         The prompt is read once (prefill) into the KV cache; then each step feeds only the
         newest token. Past the context, the window slides: each step re-reads the last
@@ -262,7 +265,7 @@ class Transformer(nn.Module):
         logits, _ = self(idx, caches=caches)  # prefill: (B, T, vocab)
         new_ids, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
             yield next_id
             new_ids.append(next_id)
             if eos_id is not None:
@@ -279,9 +282,10 @@ class Transformer(nn.Module):
                 caches = self.new_kv_caches(B)
                 logits, _ = self(window, caches=caches)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
+                 n_vocab=None):
         """(B, T) prompt -> (B, T + new) tokens. temperature=0 is greedy decoding."""
-        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, n_vocab))
         return torch.cat([idx[:, -self.config.block_size:]] + [t[:, None] for t in new], dim=1)
 
     # ------------------------------------------------------------------------- checkpoints

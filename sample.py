@@ -71,7 +71,7 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     printed = tokenizer.decode(ids)
     out.write(printed)
     for next_id in model.generate_tokens(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                         eos_id=args.eos_id, generator=generator):
+                                         eos_id=args.eos_id, generator=generator, n_vocab=tokenizer.n_vocab):
         ids.append(int(next_id[0]))
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):  # a byte-level token may end inside a UTF-8 character

@@ -220,11 +220,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def check_same_config(ckpt_config, config, path):
-    for key, value in ckpt_config.items():
-        if getattr(config, key, value) != value:
-            raise ValueError(f"checkpoint {path} was trained with {key}={value!r} but the config asks for "
-                             f"{key}={getattr(config, key)!r}; drop that override or use another out_dir")
+def check_same_config(ckpt_config, requested, path):
+    """A resumed run keeps its checkpoint's model: say which requested field differs."""
+    for key, value in requested.items():
+        if ckpt_config.get(key) != value:
+            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt_config.get(key)!r} but the config "
+                             f"asks for {key}={value!r}; drop that override or use another out_dir")
 
 
 def check_out_dir(out_dir, needed_bytes):
@@ -279,7 +280,8 @@ def peak_flops(device, dtype):
             if key in name:
                 return flops if dtype == torch.bfloat16 else flops / 2  # tf32 is half the bf16 rate
         return None  # unknown GPU: MFU not reported
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: that one drives dropout
+    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -371,9 +373,8 @@ def build_model(cfg, model_args, meta, ckpt):
     """The model to train: resumed from ckpt, initialized from --init_from, or fresh."""
     vocab = meta["vocab_size"]
     if ckpt is not None:  # resume: the checkpoint's shapes; command-line model fields must agree
-        config = ModelConfig.from_dict(ckpt["config"])
-        check_same_config(model_args, config, cfg.out_dir)
-        return Transformer(config)
+        check_same_config(ckpt["config"], model_args, cfg.out_dir)
+        return Transformer(ModelConfig.from_dict(ckpt["config"]))
     if cfg.init_from:
         base, state = load_pretrained(cfg.init_from)
         try:

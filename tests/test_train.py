@@ -1,0 +1,160 @@
+"""train.py and sample.py end to end on tiny models: overrides, schedule, checkpoints,
+exact resume, two processes (DDP and FSDP), fine-tuning from a Hugging Face directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from model import ModelConfig, Transformer
+from train import TrainConfig, get_lr, load_checkpoint, parse_args, train
+
+TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--block_size", "32",
+        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1"]
+
+
+def run_train(args, dataset):
+    cfg, model_args, explicit = parse_args(["--dataset", dataset] + TINY + args)
+    return train(cfg, model_args, explicit)
+
+
+def final_weights(out_dir):
+    return load_checkpoint(out_dir)["model"]
+
+
+# ----------------------------------------------------------------------------- config
+def test_overrides_are_parsed_by_type():
+    cfg, model_args, explicit = parse_args(["--config", "demo", "--n_layer=4", "--learning_rate", "3e-4",
+                                            "--compile", "--tie_embeddings", "true", "--out_dir", "x"])
+    assert (cfg.model, cfg.learning_rate, cfg.compile, cfg.out_dir) == ("demo", 3e-4, True, "x")
+    assert model_args == {"n_layer": 4, "tie_embeddings": True}
+    assert explicit == {"learning_rate", "compile", "out_dir"}
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--config", "gpt9"], "unknown config 'gpt9'; known configs: debug, demo, tinyllama_1b"),
+    (["--n_layers", "4"], "unknown option --n_layers; did you mean --n_layer"),
+    (["--learning_rate", "fast"], "--learning_rate expects a float, got 'fast'"),
+    (["--n_layer", "2.5"], "--n_layer expects a int"),
+    (["--compile", "maybe"], "--compile expects a bool"),
+    (["--dist", "horovod"], "--dist must be ddp or fsdp"),
+    (["--batch_size", "0"], "batch_size must be >= 1"),
+    (["--max_iters"], "--max_iters needs a value"),
+])
+def test_bad_overrides_are_named(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+
+
+def test_tinyllama_recipe():
+    cfg, _, _ = parse_args(["--config", "tinyllama_1b"])
+    model = ModelConfig.from_name(cfg.model)
+    assert cfg.grad_accum * cfg.batch_size * model.block_size == 2 ** 21  # 2M tokens per step
+    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.weight_decay, cfg.grad_clip) == (4e-4, 4e-5, 2000, 0.1, 1.0)
+    assert (cfg.beta1, cfg.beta2) == (0.9, 0.95)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert get_lr(9, cfg) == pytest.approx(10 / 11)
+    assert get_lr(10, cfg) == pytest.approx(1.0)
+    assert get_lr(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == 0.1
+    lrs = [get_lr(i, cfg) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+# ----------------------------------------------------------------------------- training
+def test_debug_run_learns_and_writes_a_plain_checkpoint(char_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    history = run_train(["--out_dir", out, "--max_iters", "60", "--eval_interval", "30"], char_dataset)
+    assert history["val_loss"][-1] < history["val_loss"][0] - 1.0  # 4.7 -> ~3 nats
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # plain data only
+    assert ckpt["iter_num"] == 60 and set(ckpt) >= {"model", "optimizer", "config", "rng", "train_config"}
+    assert ckpt["config"]["vocab_size"] == 128  # the debug preset's (>= the 110 characters)
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    for name in ("loss.png", "meta.json"):
+        assert os.path.exists(os.path.join(out, name))
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def test_resume_is_bit_identical(char_dataset, tmp_path):
+    """Stop at iteration 10, resume to 20: the same weights as 20 iterations in one go."""
+    common = ["--eval_interval", "5", "--lr_decay_iters", "20", "--dropout", "0.1"]
+    run_train(["--out_dir", str(tmp_path / "a"), "--max_iters", "20"] + common, char_dataset)
+    run_train(["--out_dir", str(tmp_path / "b"), "--max_iters", "10"] + common, char_dataset)
+    cfg, model_args, explicit = parse_args(["--out_dir", str(tmp_path / "b"), "--resume", "--max_iters", "20"])
+    history = train(cfg, model_args, explicit)
+    a, b = final_weights(str(tmp_path / "a")), final_weights(str(tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert history["iter"] == list(range(20))
+
+
+def test_resume_refuses_a_different_model(char_dataset, tmp_path):
+    run_train(["--out_dir", str(tmp_path), "--max_iters", "2"], char_dataset)
+    cfg, model_args, explicit = parse_args(["--out_dir", str(tmp_path), "--resume", "--n_layer", "3"])
+    with pytest.raises(ValueError, match="trained with n_layer=2 but the config asks for n_layer=3"):
+        train(cfg, model_args, explicit)
+
+
+def torchrun(args, dataset, out_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), "--dataset", dataset, "--out_dir", out_dir] + TINY + args
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_checkpoint(out_dir)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(mode, char_dataset, tmp_path):
+    """2 CPU processes x 1 micro-batch == 1 process x 2 micro-batches, same global batch."""
+    args = ["--max_iters", "6", "--eval_interval", "3", "--grad_accum", "2"]
+    single = run_train(["--out_dir", str(tmp_path / "one")] + args, char_dataset)
+    ckpt = torchrun(args + ["--dist", mode], char_dataset, str(tmp_path / mode))
+    assert ckpt["history"]["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+    assert ckpt["history"]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    one = final_weights(str(tmp_path / "one"))
+    assert all((one[k] - v).abs().max() < 1e-5 for k, v in ckpt["model"].items())
+
+
+def test_init_from_hugging_face_directory(char_dataset, tmp_path):
+    base = Transformer(ModelConfig(vocab_size=128, block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
+    base.save_hf(str(tmp_path / "hf"))
+    cfg, model_args, explicit = parse_args(["--dataset", char_dataset, "--init_from", str(tmp_path / "hf"),
+                                            "--out_dir", str(tmp_path / "ft"), "--max_iters", "0",
+                                            "--batch_size", "2", "--eval_iters", "1"])
+    train(cfg, model_args, explicit)
+    tuned = final_weights(str(tmp_path / "ft"))
+    assert all(torch.equal(tuned[k], v) for k, v in base.state_dict().items())  # 0 steps: the same weights
+
+
+# ----------------------------------------------------------------------------- sampling
+def run_script(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_sample_streams_reproducibly(char_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(["--out_dir", out, "--max_iters", "30", "--eval_interval", "30"], char_dataset)
+    args = ["--out_dir", out, "--prompt", "The ", "--max_new_tokens", "40", "--seed", "7", "--top_p", "0.9"]
+    a, b = run_script("sample.py", *args), run_script("sample.py", *args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("The ") and len(a.stdout) == len("The ") + 40 + 1
+    (tmp_path / "prompt.txt").write_text("x" * 100)  # longer than the 32-token context: cropped
+    greedy = run_script("sample.py", "--out_dir", out, "--prompt", f"FILE:{tmp_path / 'prompt.txt'}",
+                        "--temperature", "0", "--max_new_tokens", "5")
+    assert greedy.returncode == 0, greedy.stderr
+    assert greedy.stdout.startswith("x" * 100) and "longer than the context" in greedy.stderr
+
+
+def test_sample_errors_name_the_path(tmp_path):
+    r = run_script("sample.py", "--out_dir", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "missing/ckpt.pt not found" in r.stderr and "Traceback" not in r.stderr
