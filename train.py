@@ -5,6 +5,7 @@
     python train.py --config tinyllama_1b                # TinyLlama's recipe (GPUs)
     python train.py --config demo --n_layer 4 --learning_rate 3e-4 --compile
     python train.py --out_dir out/demo --resume          # continue exactly where it stopped
+    python train.py --config tinyllama_1b --batch_size 1 --estimate_memory   # will it fit?
     torchrun --nproc_per_node 2 train.py --config demo --dist ddp   # or --dist fsdp
 
 A config is a named preset of TrainConfig (below) plus a ModelConfig preset (model.py);
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from data.prepare import dataset_dir, prepare
-from model import ModelConfig, Transformer, flops_per_token
+from model import ModelConfig, Transformer, count_params, flops_per_token
 
 
 # ----------------------------------------------------------------------------- config
@@ -246,6 +247,70 @@ def check_out_dir(out_dir, needed_bytes):
 
 
 # ----------------------------------------------------------------------------- optimizer
+def format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+
+
+def estimate_memory(config, batch_size, seq_len=None, lora_r=8, dtype_bytes=4):
+    """Will it fit? Bytes of one training step for full fine-tuning, LoRA and QLoRA.
+
+    weights + gradients + AdamW's two moments + the activations autograd keeps for the
+    backward pass, counted per token and layer from the forward (RMSNorm inputs, the
+    normed inputs of the projections, q/k/v and the attention output that SDPA keeps,
+    SwiGLU's four (B, T, intermediate) tensors) plus the logits, their log-softmax and
+    gradients, and one layer's gradients in flight. LoRA
+    keeps a 16-bit frozen base and trains rank-r adapters on every linear layer of the
+    blocks (QLoRA section 4's setting); QLoRA stores that base in NF4 with double
+    quantization (4.127 bits/param, section 3). The KV cache is the decoding cache of
+    batch_size sequences at full context. Checked against the measured peak by bench.py.
+    """
+    T = seq_len or config.block_size
+    C, I, L, V = config.n_embd, config.intermediate_size, config.n_layer, config.vocab_size
+    kv = config.n_kv_head * config.head_dim
+    n = count_params(config)  # no model is built: everything follows from the config
+    n_block_linear = L * (C * config.n_head * config.head_dim * 2 + 2 * C * kv + 3 * C * I)
+    # elements per token: kept for the backward pass by every layer; the final norm and the
+    # logits with their log-softmax and the two gradients of the loss's backward (4 x V); and
+    # the gradients of one layer being back-propagated (4 x I + 4 x C)
+    per_token = L * (7 * C + 2 * kv + 4 * I) + 3 * C + 5 * V + 4 * I + 4 * C
+    activations = dtype_bytes * batch_size * T * per_token
+    lora_params = L * r_adapters(config, lora_r)
+    adapters = {"weights": 4 * lora_params, "gradients": 4 * lora_params, "optimizer": 8 * lora_params}
+    modes = {
+        "full": {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n},
+        "lora": {"base": 2 * n, **adapters},
+        "qlora": {"base": n_block_linear * 4.127 / 8 + 2 * (n - n_block_linear), **adapters},
+    }
+    out = {}
+    for mode, parts in modes.items():
+        parts = {**parts, "activations": activations}
+        out[mode] = {**parts, "total": sum(parts.values())}
+    out["kv_cache"] = 2 * L * kv * config.block_size * batch_size * dtype_bytes
+    out["params"], out["lora_params"] = n, lora_params
+    return out
+
+
+def r_adapters(config, r):
+    """LoRA parameters of one block with adapters on all seven linear layers: r * (in + out) each."""
+    C, I, kv = config.n_embd, config.intermediate_size, config.n_kv_head * config.head_dim
+    q = config.n_head * config.head_dim
+    return r * ((C + q) * 2 + (C + kv) * 2 + (C + I) * 3)
+
+
+def print_memory_estimate(config, cfg):
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and resolve_device(cfg.device).type == "cuda")
+    est = estimate_memory(config, cfg.batch_size, config.block_size, getattr(cfg, "lora_r", 8), 2 if bf16 else 4)
+    print(f"memory estimate for {cfg.batch_size} x {config.block_size} tokens per micro-batch "
+          f"({est['params']:,} parameters, {'bf16 autocast' if bf16 else 'fp32'} activations):")
+    for mode in ("full", "lora", "qlora"):
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est[mode].items() if k != "total")
+        print(f"  {mode:5s}: {format_bytes(est[mode]['total']):>12s}  ({parts})")
+    print(f"  KV cache for decoding {cfg.batch_size} sequences at full context: {format_bytes(est['kv_cache'])}")
+
+
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on the matrices only (not on norms' gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -476,6 +541,7 @@ def train(cfg, model_args=None, explicit=()):
               f"({cfg.grad_accum} x {cfg.batch_size} x {block_size}) | {world} process(es) on {device} in "
               f"{str(dtype).removeprefix('torch.')} | dataset {cfg.dataset} ({meta['train_tokens']:,} train tokens)"
               + (f" | peak {peak / 1e9:,.0f} GFLOP/s" if peak else ""))
+        print_memory_estimate(config, cfg)
         if cfg.compile:
             print("compiling the model (the first iterations are slow)")
 
@@ -577,7 +643,12 @@ def format_time(seconds):
 
 def main(argv=None):
     try:
-        cfg, model_args, explicit = parse_args(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        only_estimate = "--estimate_memory" in argv  # print the memory estimate and stop
+        cfg, model_args, explicit = parse_args([a for a in argv if a != "--estimate_memory"])
+        if only_estimate:
+            print_memory_estimate(ModelConfig.from_name(cfg.model, **model_args), cfg)
+            return
         train(cfg, model_args, explicit)
     except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("DEBUG"):

@@ -1,0 +1,255 @@
+"""Benchmarks: this model next to Hugging Face's LlamaForCausalLM on the same weights.
+
+    python bench.py                  # everything that runs on this machine (a few minutes)
+    python bench.py --only train     # one section: train, decode, kv, memory, tinyllama
+    python bench.py --quick          # tiny sizes, seconds (the CI smoke test)
+
+Timings alternate between the contenders (ours, theirs, ours, theirs, ...) inside one
+process and report the median of each, so a noisy machine slows both alike; the
+ratios are the result, the absolute figures are for this machine only. MFU divides the
+model FLOPs (model.flops_per_token, PaLM appendix B) by the peak fp32 matmul rate of this
+machine, measured in the same run (train.peak_flops). Results are also written to
+bench.json in --out_dir.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer, config_to_hf, flops_per_token, hf_module_name
+from train import TrainConfig, estimate_memory, format_bytes, make_optimizer, peak_flops
+
+# the two training shapes of the performance issue: the demo preset and a larger one
+TRAIN_CASES = {
+    "demo (12.6M, 8x256)": (dict(ModelConfig.from_name("demo").to_dict()), 8),
+    "larger (8x512 GQA 8/2, 4x512)": (dict(vocab_size=8192, block_size=512, n_layer=8, n_embd=512, n_head=8,
+                                           n_kv_head=2), 4),
+}
+QUICK_CASE = {"debug (2x64, 4x64)": (dict(ModelConfig.from_name("debug").to_dict()), 4)}
+
+
+def hf_twin(model):
+    """transformers' LlamaForCausalLM with our config and a copy of our weights (the oracle)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(model.config), attn_implementation="sdpa"))
+    state = {hf_module_name(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    hf.load_state_dict(state, strict=not model.config.tie_embeddings)
+    return hf
+
+
+def alternate(contenders, rounds):
+    """Run each contender once to warm up, then `rounds` times in turn; median seconds of each."""
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
+    for r in range(rounds):  # A B B A A B ...: neither goes first every time
+        order = list(contenders.items())
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- 1. training step
+def train_step(model, optimizer, x, y, hf):
+    """Forward, cross-entropy over all positions, backward, AdamW: the same work for both."""
+    logits = model(input_ids=x).logits if hf else model(x)[0]
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.view(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_train(cases, rounds, peak, compile_too=False, only=None):
+    results = []
+    for name, (model_args, batch) in cases.items():
+        if only and only not in name:
+            continue
+        torch.manual_seed(0)
+        config = ModelConfig(**model_args)
+        ours = Transformer(config)
+        theirs = hf_twin(ours)
+        T = config.block_size
+        x = torch.randint(config.vocab_size, (batch, T))
+        y = torch.randint(config.vocab_size, (batch, T))
+        tc = TrainConfig()
+        opt_ours = make_optimizer(ours, tc, torch.device("cpu"))
+        opt_theirs = make_optimizer(theirs, tc, torch.device("cpu"))
+        contenders = {"ours": lambda: train_step(ours, opt_ours, x, y, False),
+                      "transformers": lambda: train_step(theirs, opt_theirs, x, y, True)}
+        if compile_too:
+            compiled = torch.compile(ours)
+            contenders["ours + torch.compile"] = lambda: train_step(compiled, opt_ours, x, y, False)
+        t = alternate(contenders, rounds)
+        tokens = batch * T
+        flops = flops_per_token(config, T) * tokens
+        row = {"case": name, "params": ours.num_params(), "tokens_per_step": tokens}
+        for who, sec in t.items():
+            row[who] = {"ms": 1000 * sec, "tok_s": tokens / sec, "mfu": flops / sec / peak}
+        row["speedup_vs_transformers"] = t["transformers"] / t["ours"]
+        results.append(row)
+        print(f"train step | {name} | {ours.num_params():,} params")
+        for who, sec in t.items():
+            print(f"  {who:22s} {1000 * sec:8.1f} ms  {tokens / sec:9,.0f} tok/s  MFU {100 * flops / sec / peak:5.1f}%")
+        print(f"  ours / transformers: {row['speedup_vs_transformers']:.2f}x faster")
+    return results
+
+
+# ----------------------------------------------------------------------------- 2. greedy decoding
+def uncached_greedy(model, idx, max_new_tokens):
+    """nanoGPT's loop: re-read the whole sequence for every new token (no KV cache)."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def bench_decode(model_args, prompt_len, new_tokens, rounds):
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig(**model_args)).eval()
+    theirs = hf_twin(ours).eval()
+    idx = torch.randint(ours.config.vocab_size, (1, prompt_len))
+    a = ours.generate(idx, new_tokens, temperature=0)
+    b = theirs.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens, do_sample=False,
+                        min_new_tokens=new_tokens, pad_token_id=0)
+    same = torch.equal(a, b)
+    t = alternate({"ours (KV cache)": lambda: ours.generate(idx, new_tokens, temperature=0),
+                   "transformers generate": lambda: theirs.generate(
+                       idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens, do_sample=False,
+                       min_new_tokens=new_tokens, pad_token_id=0),
+                   "ours without cache": lambda: uncached_greedy(ours, idx, new_tokens)}, rounds)
+    print(f"greedy decoding | batch 1, prompt {prompt_len}, {new_tokens} new tokens | identical tokens: {same}")
+    for who, sec in t.items():
+        print(f"  {who:22s} {new_tokens / sec:8,.0f} tok/s")
+    ratio = t["transformers generate"] / t["ours (KV cache)"]
+    print(f"  ours / transformers: {ratio:.2f}x faster; "
+          f"cache / no cache: {t['ours without cache'] / t['ours (KV cache)']:.2f}x")
+    return {"tok_s": {who: new_tokens / sec for who, sec in t.items()}, "speedup_vs_transformers": ratio,
+            "identical_tokens": same}
+
+
+# ----------------------------------------------------------------------------- 3. KV cache size
+def bench_kv(model_args):
+    base = ModelConfig(**model_args)
+    rows = []
+    print(f"KV cache per token (fp32, {base.n_layer} layers, {base.n_head} query heads of {base.head_dim})")
+    for n_kv in sorted({base.n_head, max(base.n_head // 4, 1), 1}, reverse=True):
+        config = ModelConfig(**{**model_args, "n_kv_head": n_kv})
+        cache = Transformer(config).new_kv_caches(1)
+        per_token = sum(c.nbytes for c in cache) / config.block_size
+        rows.append({"n_kv_head": n_kv, "bytes_per_token": per_token})
+        print(f"  n_kv_head {n_kv:3d}: {per_token:10,.0f} bytes/token "
+              f"(2 x {config.n_layer} layers x {n_kv} heads x {config.head_dim} x 4 bytes)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- 4./6. memory
+def peak_rss_of(args):
+    """Run `python bench.py --child ...` and return its JSON report (peak RSS measured inside)."""
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode != 0:
+        raise RuntimeError(f"child run failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(args):
+    """Two optimizer steps in a fresh process; peak RSS above the process's RSS before the model."""
+    import resource
+
+    def rss():  # current resident set size, bytes (Linux)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    # warm up torch's own one-time allocations (kernels, thread pools) on a tiny model first
+    warm = Transformer(ModelConfig.from_name("debug"))
+    train_step(warm, make_optimizer(warm, TrainConfig(), torch.device("cpu")), *[torch.zeros(1, 8, dtype=torch.long)] * 2,
+               False)
+    del warm
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(args["model"], **args.get("overrides", {}))
+    before = rss()
+    t0 = time.perf_counter()
+    model = Transformer(config)
+    t_init = time.perf_counter() - t0
+    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    x = torch.randint(config.vocab_size, (args["batch"], args["seq"]))
+    train_step(model, optimizer, x, x, False)  # the first step creates AdamW's state...
+    t1 = time.perf_counter()
+    train_step(model, optimizer, x, x, False)  # ...the second is a steady-state step
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    print(json.dumps({"peak_bytes": peak - before, "init_s": t_init, "step_s": t2 - t1}))
+
+
+def bench_memory(cases):
+    """estimate_memory (train.py) against the measured peak of one full fine-tuning step."""
+    rows = []
+    print("memory of one training step (fp32, AdamW): estimate vs measured peak RSS")
+    for model, batch, seq, overrides in cases:
+        config = ModelConfig.from_name(model, **overrides)
+        est = estimate_memory(config, batch, seq)["full"]["total"]
+        got = peak_rss_of({"model": model, "batch": batch, "seq": seq, "overrides": overrides})
+        rows.append({"model": model, "batch": batch, "seq": seq, "estimate": est, "measured": got["peak_bytes"],
+                     "step_s": got["step_s"]})
+        print(f"  {model:14s} {batch}x{seq}: estimate {format_bytes(est)}, measured {format_bytes(got['peak_bytes'])} "
+              f"({est / got['peak_bytes'] - 1:+.0%}), step {got['step_s']:.1f} s")
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="train,decode,kv,memory", help="comma-separated sections: train, decode, "
+                   "kv, memory, tinyllama (tinyllama needs ~20 GB RAM and is not in the default set)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the training step under torch.compile")
+    p.add_argument("--case", help="only the training cases whose name contains this (e.g. demo)")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    sections = set(args.only.split(","))
+    unknown = sections - {"train", "decode", "kv", "memory", "tinyllama"}
+    if unknown:
+        raise SystemExit(f"error: unknown section(s) {sorted(unknown)}; choose from train, decode, kv, memory, "
+                         f"tinyllama")
+    rounds = 2 if args.quick else args.rounds
+    peak = peak_flops(torch.device("cpu"), torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured fp32 matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s")
+    report = {"peak_flops": peak, "threads": torch.get_num_threads()}
+    demo = ModelConfig.from_name("debug" if args.quick else "demo").to_dict()
+    if "train" in sections:
+        report["train"] = bench_train(QUICK_CASE if args.quick else TRAIN_CASES, rounds, peak, args.compile, args.case)
+    if "decode" in sections:
+        report["decode"] = bench_decode(demo, 16, 16 if args.quick else 128, rounds)
+    if "kv" in sections:
+        report["kv"] = bench_kv(demo)
+    if "memory" in sections:
+        cases = [("debug", 4, 64, {})] if args.quick else [("demo", 8, 256, {}), ("demo", 2, 256, {}),
+                                                           ("tinyllama_1b", 1, 256, {"n_layer": 2})]
+        report["memory"] = bench_memory(cases)
+    if "tinyllama" in sections:
+        report["tinyllama"] = bench_memory([("tinyllama_1b", 1, 256, {})])
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {os.path.join(args.out_dir, 'bench.json')}")
+
+
+if __name__ == "__main__":
+    main()
