@@ -140,17 +140,20 @@ def bench_decode(model_args, prompt_len, new_tokens, rounds):
 
 
 # ----------------------------------------------------------------------------- 3. KV cache size
-def bench_kv(model_args):
-    base = ModelConfig(**model_args)
+def bench_kv(model_names):
+    """Bytes per cached token (all layers, K and V, fp32) for n_kv_head = n_head, n_head / 4, 1."""
+    from attention import KVCache
     rows = []
-    print(f"KV cache per token (fp32, {base.n_layer} layers, {base.n_head} query heads of {base.head_dim})")
-    for n_kv in sorted({base.n_head, max(base.n_head // 4, 1), 1}, reverse=True):
-        config = ModelConfig(**{**model_args, "n_kv_head": n_kv})
-        cache = Transformer(config).new_kv_caches(1)
-        per_token = sum(c.nbytes for c in cache) / config.block_size
-        rows.append({"n_kv_head": n_kv, "bytes_per_token": per_token})
-        print(f"  n_kv_head {n_kv:3d}: {per_token:10,.0f} bytes/token "
-              f"(2 x {config.n_layer} layers x {n_kv} heads x {config.head_dim} x 4 bytes)")
+    for name in model_names:
+        base = ModelConfig.from_name(name)
+        print(f"KV cache per token, {name} ({base.n_layer} layers, {base.n_head} query heads of {base.head_dim}, fp32)")
+        for n_kv in sorted({base.n_head, max(base.n_head // 4, 1), base.n_kv_head, 1}, reverse=True):
+            one_position = KVCache(1, n_kv, 1, base.head_dim)  # the cache class itself, one position long
+            per_token = base.n_layer * one_position.nbytes
+            full = per_token * base.block_size
+            rows.append({"model": name, "n_kv_head": n_kv, "bytes_per_token": per_token, "bytes_full_context": full})
+            print(f"  n_kv_head {n_kv:3d}: {per_token:10,} bytes/token, {format_bytes(full)} at {base.block_size} "
+                  f"tokens{'  (the preset)' if n_kv == base.n_kv_head else ''}")
     return rows
 
 
@@ -238,7 +241,7 @@ def main():
     if "decode" in sections:
         report["decode"] = bench_decode(demo, 16, 16 if args.quick else 128, rounds)
     if "kv" in sections:
-        report["kv"] = bench_kv(demo)
+        report["kv"] = bench_kv(["debug"] if args.quick else ["demo", "tinyllama_1b"])
     if "memory" in sections:
         cases = [("debug", 4, 64, {})] if args.quick else [("demo", 8, 256, {}), ("demo", 2, 256, {}),
                                                            ("tinyllama_1b", 1, 256, {"n_layer": 2})]

@@ -33,5 +33,6 @@ def test_bench_quick_runs(tmp_path):
     report = json.load(open(tmp_path / "bench.json"))
     assert report["decode"]["identical_tokens"]  # the same greedy tokens as transformers
     assert report["train"][0]["speedup_vs_transformers"] > 0
-    assert [row["n_kv_head"] for row in report["kv"]] == [4, 1]
+    assert [row["n_kv_head"] for row in report["kv"]] == [4, 2, 1]
+    assert [row["bytes_per_token"] for row in report["kv"]] == [2 * 2 * n * 16 * 4 for n in (4, 2, 1)]
     assert report["memory"][0]["estimate"] > 0 and report["memory"][0]["measured"] > 0  # (too small to compare)
