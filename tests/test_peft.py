@@ -174,7 +174,7 @@ def test_lora_on_nf4_and_bitlinear_bases():
         assert torch.equal(model(x)[0], y)  # the original NF4 base is back
     bit = quant.BitLinear(32, 16)
     peft.freeze(bit)
-    layer = peft.LoRALinear(bit, r=2)
+    layer = peft.LoRALinear(bit, r=2, alpha=8)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 32)
     out = layer(x)
