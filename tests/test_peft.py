@@ -18,6 +18,18 @@ from model import ModelConfig, Transformer
 import peft
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """On a CPU shared by several jobs, one thread is many times faster than two spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def lora_model(**kw):
     """(the base model, a copy of it with non-trivial LoRA adapters)."""
     base = Transformer(tiny_config())
@@ -128,7 +140,7 @@ def test_hf_peft_parity_both_ways(tmp_path):
     peft.save_lora(model, tmp_path / "ours")
     x = ids()
     torch.save(x, tmp_path / "ids.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in ONE_THREAD.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-c", ORACLE, str(tmp_path / "base"), str(tmp_path / "ours"),
                           str(tmp_path / "theirs"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -322,7 +334,7 @@ def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, 
         assert torch.equal(a["model"][n], b["model"][n]), n  # bit-identical resume
     assert os.path.exists(os.path.join(straight, "adapter", "adapter_config.json"))
     run = subprocess.run([sys.executable, "sample.py", "--out_dir", base_run, "--adapter", straight,
-                          "--max_new_tokens", "5", "--prompt", "def"], cwd=ROOT, capture_output=True, text=True,
+                          "--max_new_tokens", "5", "--prompt", "def"], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("def"), run.stderr[-1000:]
 
@@ -337,6 +349,6 @@ def test_peft_needs_init_from():
 
 def test_finetune_experiment_quick(tmp_path):
     run = subprocess.run([sys.executable, "experiments/finetune.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=ONE_THREAD)
     assert run.returncode == 0, run.stderr[-2000:]
     assert os.path.exists(os.path.join(ROOT, "experiments", "out", "finetune_quick.json"))
