@@ -436,13 +436,13 @@ class PagedAdamW(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------- memory accounting
-def finetune_memory(config, r=64, targets="all", base_bits=16, nf4_blocksize=64, double_quant=True):
+def finetune_memory(config, r=64, targets="all", base_bits=16):
     """Bytes of a fine-tuning setup from shapes alone (no weights allocated), QLoRA section 3.
 
-    base: the block linears at `base_bits` (4 = NF4 with its constants) + everything else
-    (embeddings, head, norms) in 16 bits; adapters in 16 bits; AdamW keeps two fp32 moments
-    per trainable parameter. r=0 means full fine-tuning (every parameter trains).
-    Activations and gradients of the base are left out: they depend on batch and sequence.
+    base: the block linears in 16 bits, or in NF4 + double quantization (base_bits=4, sizes
+    from quant.nf4_nbytes); embeddings, head and norms in 16 bits. Adapters and all
+    gradients in 16 bits; AdamW keeps two fp32 moments per trainable parameter. r=0 is full
+    fine-tuning (every parameter trains). Activations are left out: they depend on the batch.
     """
     from model import count_params
 
@@ -451,19 +451,17 @@ def finetune_memory(config, r=64, targets="all", base_bits=16, nf4_blocksize=64,
               "attention.wv": (c.n_kv_head * c.head_dim, c.n_embd), "attention.wo": (c.n_embd, c.n_head * c.head_dim),
               "feed_forward.w1": (c.intermediate_size, c.n_embd), "feed_forward.w3": (c.intermediate_size, c.n_embd),
               "feed_forward.w2": (c.n_embd, c.intermediate_size)}
-    block_linear = c.n_layer * sum(o * i for o, i in shapes.values())
-    rest = count_params(c) - block_linear
+    n_all = count_params(c)
+    n_block_linear = c.n_layer * sum(o * i for o, i in shapes.values())
     if base_bits == 4:
-        n_blocks = block_linear / nf4_blocksize
-        constants = n_blocks * 1 + n_blocks / 256 * 4 if double_quant else n_blocks * 4  # int8 absmax + fp32 absmax2
-        base = block_linear / 2 + constants + rest * 2
+        import quant
+        base = c.n_layer * sum(quant.nf4_nbytes(o * i) for o, i in shapes.values()) + 2 * (n_all - n_block_linear)
+    elif base_bits == 16:
+        base = 2 * n_all
     else:
-        base = (block_linear + rest) * base_bits / 8
-    if r == 0:
-        trainable = count_params(c)
-    else:
-        trainable = c.n_layer * sum(r * (o + i) for name, (o, i) in shapes.items() if name in parse_targets(targets))
-    adapters = 0 if r == 0 else trainable * 2
-    return {"base": int(base), "adapters": int(adapters), "gradients": int(trainable * (2 if r else base_bits / 8)),
-            "optimizer": int(trainable * 8), "trainable_params": int(trainable),
-            "total": int(base + adapters + trainable * (2 if r else base_bits / 8) + trainable * 8)}
+        raise ValueError(f"base_bits must be 16 or 4 (NF4), got {base_bits}")
+    names = parse_targets(targets)
+    trainable = n_all if r == 0 else c.n_layer * sum(r * (o + i) for name, (o, i) in shapes.items() if name in names)
+    parts = {"base": base, "adapters": 0 if r == 0 else 2 * trainable, "gradients": 2 * trainable,
+             "optimizer": 8 * trainable}
+    return {**parts, "total": sum(parts.values()), "trainable_params": trainable}

@@ -76,6 +76,10 @@ def pretrain(s, data, out_dir):
 
 def finetune(s, name, method, extra, base, data, root):
     out_dir = os.path.join(root, name)
+    cached = os.path.join(out_dir, "row.json")
+    if os.path.exists(cached):  # a finished run (delete experiments/out/finetune to redo them all)
+        with open(cached) as f:
+            return json.load(f)
     n = s["finetune_iters"]
     lr = LR[method or "full"]
     history, wall = run_train(
@@ -97,6 +101,9 @@ def finetune(s, name, method, extra, base, data, root):
         from safetensors.torch import load_file
         row["saved_params"] = load_file(saved[0])["prefix_kv"].numel()
         row["saved_pct"] = 100 * row["saved_params"] / count_params(config)
+    with open(cached + ".tmp", "w") as f:
+        json.dump(row, f)
+    os.replace(cached + ".tmp", cached)
     print(f"== {name}: val {row['val_loss']:.4f} | trainable {trainable:,} ({row['trainable_pct']:.3f}%) | "
           f"{wall:.0f} s", flush=True)
     return row
