@@ -64,13 +64,15 @@ def run_train(argv):
 
 def pretrain(s, data, out_dir):
     ckpt = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt) and train.load_checkpoint(ckpt)["iter_num"] == s["pretrain_iters"]:
-        return  # cached
+    if os.path.exists(ckpt):  # cached, or cut short: continue it (resume is exact)
+        if train.load_checkpoint(ckpt)["iter_num"] < s["pretrain_iters"]:
+            run_train(["--out_dir", out_dir, "--resume"])
+        return
     run_train(["--config", "demo", "--dataset", data, "--out_dir", out_dir, "--n_layer", str(s["n_layer"]),
                "--n_embd", str(s["n_embd"]), "--n_head", str(s["n_head"]), "--n_kv_head", str(s["n_kv_head"]),
                "--block_size", str(s["block_size"]), "--vocab_size", str(s["vocab"]),
                "--batch_size", str(s["batch"]), "--max_iters", str(s["pretrain_iters"]),
-               "--eval_interval", str(s["pretrain_iters"]), "--eval_iters", str(s["eval_iters"]),
+               "--eval_interval", str(s["pretrain_iters"] // 4), "--eval_iters", str(s["eval_iters"]),
                "--learning_rate", "2e-3", "--warmup_iters", str(s["pretrain_iters"] // 10), "--log_interval", "50"])
 
 
