@@ -354,3 +354,17 @@ def test_finetune_experiment_quick(tmp_path):
                          text=True, timeout=300, env=ONE_THREAD)
     assert run.returncode == 0, run.stderr[-2000:]
     assert os.path.exists(os.path.join(ROOT, "experiments", "out", "finetune_quick.json"))
+
+
+def test_prepare_reuses_a_tokenizer(tmp_path):
+    from data.prepare import prepare
+    from data.tokenizer import load_tokenizer
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 50)
+    (tmp_path / "b.txt").write_text("To be, or not to be: that is the question.\n" * 20)
+    first = prepare(str(tmp_path / "a.txt"), "bpe", vocab_size=270, out=str(tmp_path / "a"), verbose=False)
+    second = prepare(str(tmp_path / "b.txt"), out=str(tmp_path / "b"), tokenizer_from=first, verbose=False)
+    assert (tmp_path / "a" / "tokenizer.tiktoken").read_bytes() == (tmp_path / "b" / "tokenizer.tiktoken").read_bytes()
+    tok = load_tokenizer(second)
+    assert tok.n_vocab == 270 and tok.decode(tok.encode("that is the question")) == "that is the question"
+    with pytest.raises(FileNotFoundError, match="no meta.json there"):
+        prepare(str(tmp_path / "b.txt"), tokenizer_from=str(tmp_path / "nowhere"))
