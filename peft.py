@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
         # as we do. Either way B = 0, so training starts from exactly the base model.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
-        self._unmerged_base = None  # a quantized base kept whole while merged (see merge)
+        self._unmerged_base = ()  # (quantized base,) kept whole while merged; a tuple keeps it out of state_dict
 
     @property
     def in_features(self):
@@ -92,10 +92,10 @@ class LoRALinear(nn.Module):
             probe = torch.randn(64, self.in_features, generator=torch.Generator().manual_seed(0))
             probe = probe.to(self.lora_A.device, self.lora_A.dtype)
             before = self.forward(probe)  # base + adapter, unmerged
-            self._unmerged_base = self.base
+            self._unmerged_base = (self.base,)
             self.base = requantize(self.base, base_weight(self.base).float() + self.delta_weight().float())
             error = (self.base(probe).float() - before.float()).abs().mean() / before.float().abs().mean()
-            warnings.warn(f"merging LoRA into a {type(self._unmerged_base).__name__} base re-quantizes its weight: "
+            warnings.warn(f"merging LoRA into a {type(self._unmerged_base[0]).__name__} base re-quantizes its weight: "
                           f"mean relative output error {error.item():.2e} on a probe batch; keep the adapter "
                           f"unmerged for exact outputs", stacklevel=3)
         self.merged = True
@@ -104,8 +104,8 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             return
-        if self._unmerged_base is not None:
-            self.base, self._unmerged_base = self._unmerged_base, None
+        if self._unmerged_base:
+            self.base, self._unmerged_base = self._unmerged_base[0], ()
         else:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
         self.merged = False
@@ -127,6 +127,7 @@ def requantize(base, weight):
     new = type(base)(base.in_features, base.out_features, **{k: getattr(base, k) for k in ("groups", "ternary")
                                                              if hasattr(base, k)})
     new.weight.data = weight.to(base.weight.dtype)  # BitLinear: the latent weight
+    freeze(new)
     return new.to(weight.device)
 
 
