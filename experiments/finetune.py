@@ -189,7 +189,7 @@ def plot(rows, base_val, memory, path):
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     for method, label, style in (("lora_qv", "LoRA on q,v", "o-"), ("lora_all", "LoRA on all projections", "s-")):
-        pts = [r for r in rows if r["name"].startswith(method + "_r")]
+        pts = [r for r in rows if r["name"].startswith(method + "_r") and "_lr" not in r["name"]]
         ax.plot([r["trainable"] for r in pts], [r["val_loss"] for r in pts], style, label=label)
         for r in pts:
             ax.annotate(f"r={r['name'].rsplit('_r', 1)[1]}", (r["trainable"], r["val_loss"]), fontsize=7,
@@ -200,6 +200,9 @@ def plot(rows, base_val, memory, path):
         if r["method"] == "prefix":
             ax.plot(r["saved_params"], r["val_loss"], "D", color="C3",
                     label=f"prefix-tuning (folded: {r['saved_pct']:.2f}% of params)")
+        if r["name"].endswith("_lr1e-2"):
+            ax.plot(r["trainable"], r["val_loss"], "o" if "_qv_" in r["name"] else "s", mfc="none", color="C2", ms=9,
+                    label=f"{r['name'].rsplit('_', 1)[0].replace('_', ' ')}, lr 1e-2 (5x)")
         if r["method"] == "qlora":
             ax.plot(r["trainable"], r["val_loss"], "^", color="C4", ms=9, label="QLoRA (NF4 base, r=8 all)")
     ax.axhline(base_val, color="gray", ls="--", lw=1, label="pretrained, no fine-tuning")
@@ -249,6 +252,10 @@ def main():
                                                  "--lora_targets", targets]) for r in s["ranks"]]
     runs += [("prefix", "prefix", ["--prefix_len", "10", "--prefix_hidden", "512"]),
              ("qlora_r8", "qlora", ["--lora_r", "8", "--lora_alpha", "16"])]
+    if not args.quick:  # is LoRA held back by its learning rate? the same runs at 5x the rate
+        runs += [(f"lora_{where}_r8_lr1e-2", "lora", ["--lora_r", "8", "--lora_alpha", "16", "--lora_targets", targets,
+                                                      "--learning_rate", "1e-2", "--min_lr", "1e-3"])
+                 for where, targets in (("qv", "q,v"), ("all", "all"))]
     rows = [finetune(s, name, method, extra, base, shakespeare, root) for name, method, extra in runs]
     base_val = rows[0]["val_curve"][0]  # evaluation at step 0: the pretrained model, zero-shot
 
