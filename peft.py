@@ -238,7 +238,8 @@ def load_lora(model, path):
         modules = hf_config["target_modules"]
         targets = "all" if modules == "all-linear" else [by_hf[m] for m in modules if m in by_hf]
         apply_lora(model, hf_config["r"], hf_config["lora_alpha"], targets, hf_config.get("lora_dropout", 0.0))
-    tensors = {k.replace(".default.", "."): v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}  # some writers keep the adapter name
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             for which in ("lora_A", "lora_B"):

@@ -15,7 +15,6 @@ Writes experiments/out/finetune.{json,png} (finetune_quick.* with --quick).
 """
 
 import argparse
-import copy
 import json
 import os
 import statistics

@@ -7,7 +7,6 @@ import importlib.metadata
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
