@@ -54,6 +54,9 @@ class ModelConfig:
     parallel_block: bool = False  # PaLM's y = x + Attn(LN(x)) + MLP(LN(x))
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # "sdpa": fused kernel; "math": explicit softmax(QK^T/sqrt(d))V
+    bitlinear: bool = False  # BitNet: every linear layer inside the blocks is a quant.BitLinear
+    bitlinear_groups: int = 1  # BitNet's group quantization (G groups of input features)
+    bitlinear_ternary: bool = False  # BitNet b1.58: ternary {-1, 0, 1} weights instead of binary
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "multiple_of"):
@@ -80,6 +83,11 @@ class ModelConfig:
             raise ValueError(f"attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("rope_theta and norm_eps must be positive")
+        for width in (self.n_embd, self.intermediate_size):
+            if self.bitlinear and (self.bitlinear_groups < 1 or width % self.bitlinear_groups):
+                raise ValueError(f"bitlinear_groups={self.bitlinear_groups} must be >= 1 and divide the input "
+                                 f"width of every linear layer (n_embd={self.n_embd}, intermediate_size="
+                                 f"{self.intermediate_size})")
 
     @property
     def head_dim(self):
@@ -182,6 +190,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.bitlinear:  # BitNet section 2: only the blocks' linears; embeddings and head stay
+            import quant
+            quant.replace_linears(self.layers, lambda lin: quant.BitLinear(
+                lin.in_features, lin.out_features, config.bitlinear_groups, config.bitlinear_ternary,
+                device=lin.weight.device))
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.reset_rope()
@@ -417,6 +430,10 @@ def config_from_hf(hf):
 def config_to_hf(config, dtype=torch.float32):
     if config.parallel_block:
         raise ValueError("a parallel_block model has no Hugging Face Llama equivalent; train it serial to export")
+    if config.bitlinear:
+        raise ValueError("a bitlinear (BitNet) model has no Hugging Face Llama equivalent: its linear layers "
+                         "binarize weights and quantize activations in the forward pass; export a model "
+                         "trained with bitlinear=False")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,

@@ -70,6 +70,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     dist: str = "ddp"  # under torchrun: ddp or fsdp
     seed: int = 1337
+    # parameter-efficient fine-tuning of --init_from (peft.py): "" (full), lora, prefix or qlora
+    peft: str = ""
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,v"  # q k v o gate up down, or all (qlora always adapts all)
+    prefix_len: int = 10
+    prefix_hidden: int = 512  # width of the prefix reparametrization MLP
 
 
 PRESETS = {
@@ -147,6 +155,10 @@ def check_train_config(cfg):
         raise ValueError(f"--dist must be ddp or fsdp, got {cfg.dist!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.peft not in ("", "lora", "prefix", "qlora"):
+        raise ValueError(f"--peft must be lora, prefix or qlora (or empty for full fine-tuning), got {cfg.peft!r}")
+    if cfg.peft and not cfg.init_from and not cfg.resume:
+        raise ValueError(f"--peft {cfg.peft} fine-tunes a pretrained model: give it with --init_from PATH")
 
 
 # ----------------------------------------------------------------------------- data
@@ -312,10 +324,13 @@ def print_memory_estimate(config, cfg):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on the matrices only (not on norms' gains)."""
+    """AdamW with weight decay on the matrices only (not on norms' gains); QLoRA pages its state."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.peft == "qlora":
+        from peft import PagedAdamW
+        return PagedAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type in ("cuda", "cpu"))
 
@@ -437,7 +452,10 @@ def load_state_dicts(model, optimizer, model_sd, optim_sd):
 def build_model(cfg, model_args, meta, ckpt):
     """The model to train: resumed from ckpt, initialized from --init_from, or fresh."""
     vocab = meta["vocab_size"]
-    if ckpt is not None:  # resume: the checkpoint's shapes; command-line model fields must agree
+    if ckpt is not None and cfg.peft:  # resume a PEFT run: rebuild it from the base it points to
+        check_same_config(ckpt["config"], model_args, cfg.out_dir)
+        cfg = TrainConfig(**{**asdict(cfg), "init_from": ckpt["base"]})
+    elif ckpt is not None:  # resume: the checkpoint's shapes; command-line model fields must agree
         check_same_config(ckpt["config"], model_args, cfg.out_dir)
         return Transformer(ModelConfig.from_dict(ckpt["config"]))
     if cfg.init_from:
@@ -457,7 +475,29 @@ def build_model(cfg, model_args, meta, ckpt):
     if model.config.vocab_size < vocab:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                          f"{vocab} tokens ({cfg.dataset}); use a dataset made with the model's tokenizer")
-    return model
+    return apply_peft(model, cfg) if cfg.peft else model
+
+
+def apply_peft(model, cfg):
+    """--peft: freeze the pretrained model and add trainable adapters (peft.py)."""
+    import peft
+    if cfg.peft == "prefix":
+        return peft.apply_prefix(model, cfg.prefix_len, cfg.prefix_hidden)
+    if cfg.peft == "qlora":  # QLoRA section 3: NF4 + double-quantized base, LoRA on every linear layer
+        import quant
+        quant.quantize_model(model, "nf4-dq")
+    targets = "all" if cfg.peft == "qlora" else cfg.lora_targets
+    return peft.apply_lora(model, cfg.lora_r, cfg.lora_alpha, targets, cfg.lora_dropout)
+
+
+def save_adapter(model, cfg):
+    """The adapter alone, next to the checkpoint: out_dir/adapter (HF PEFT layout for LoRA)."""
+    import peft
+    path = os.path.join(cfg.out_dir, "adapter")
+    if cfg.peft == "prefix":
+        peft.save_prefix(model, path)
+    else:
+        peft.save_lora(model, path, base_path=os.path.abspath(cfg.init_from))
 
 
 def load_pretrained(path):
@@ -520,8 +560,9 @@ def train(cfg, model_args=None, explicit=()):
     data_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
     iter_num = 0
     history = {"iter": [], "train_loss": [], "eval_iter": [], "val_loss": [], "eval_train_loss": []}
-    if ckpt is not None:
-        load_state_dicts(raw, optimizer, ckpt["model"], ckpt["optimizer"])
+    if ckpt is not None:  # a PEFT checkpoint holds only the trainable tensors: the rest is the base's
+        model_sd = {**raw.state_dict(), **ckpt["model"]} if cfg.peft else ckpt["model"]
+        load_state_dicts(raw, optimizer, model_sd, ckpt["optimizer"])
         iter_num, history = ckpt["iter_num"], ckpt["history"]
         data_gen.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"][rank])
@@ -537,6 +578,10 @@ def train(cfg, model_args=None, explicit=()):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         copy_tokenizer(dataset_dir(cfg.dataset), cfg.out_dir)
+        if cfg.peft:
+            n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+            print(f"--peft {cfg.peft}: {n_train:,} trainable parameters "
+                  f"({100 * n_train / count_params(config):.3f}% of the base's {count_params(config):,})")
         print(f"model {cfg.model}: {raw.num_params():,} parameters | {tokens_per_iter:,} tokens/iter "
               f"({cfg.grad_accum} x {cfg.batch_size} x {block_size}) | {world} process(es) on {device} in "
               f"{str(dtype).removeprefix('torch.')} | dataset {cfg.dataset} ({meta['train_tokens']:,} train tokens)"
@@ -551,11 +596,18 @@ def train(cfg, model_args=None, explicit=()):
         cuda_rngs = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
         if world > 1:  # every process's RNG, for dropout after a resume
             rngs, cuda_rngs = gather(rngs[0], world), gather(cuda_rngs[0], world) if cuda_rngs else []
+        peft_info = {}
+        if cfg.peft:  # only what trains, plus a pointer to the frozen base
+            trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
+            model_sd = {n: t for n, t in model_sd.items() if n in trainable}
+            peft_info = {"base": os.path.abspath(cfg.init_from), "peft": raw.peft_config}
         if master:
             save_checkpoint({"model": model_sd, "optimizer": optim_sd, "iter_num": iter_num,
                              "config": config.to_dict(), "train_config": asdict(cfg),
                              "rng": {"torch": rngs, "cuda": cuda_rngs, "data": data_gen.get_state()},
-                             "history": history}, ckpt_path)
+                             "history": history, **peft_info}, ckpt_path)
+            if cfg.peft:
+                save_adapter(raw, cfg)
 
     step_times = []  # seconds of each optimizer step (evaluations excluded)
     last_saved = start_iter if ckpt is not None else None

@@ -4,6 +4,8 @@
     python data/prepare.py --tokenizer char           # pydoc corpus, characters -> data/pydoc_char
     python data/prepare.py --corpus shakespeare       # downloads Tiny Shakespeare -> data/shakespeare_bpe
     python data/prepare.py --corpus my.txt --tokenizer bpe --vocab_size 8192 --out data/mine
+    python data/prepare.py --corpus my.txt --tokenizer_from data/pydoc_bpe --out data/mine_pydoc_bpe
+        # reuse another dataset's (or out_dir's) tokenizer: for fine-tuning a model on a new corpus
 
 Corpora: "pydoc", the documentation text every Python ships (the standard library's
 pydoc_data, what `help('assert')` prints, and its docstrings): the offline default; "shakespeare", Tiny
@@ -26,7 +28,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `data.` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.tokenizer import EOT, CharTokenizer, bpe_encoding, gpt2_encoding, save_bpe, train_bpe
+from data.tokenizer import EOT, CharTokenizer, bpe_encoding, gpt2_encoding, load_bpe, save_bpe, train_bpe
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -94,20 +96,36 @@ def dataset_dir(name):
     return name if os.sep in name or os.path.isdir(name) else os.path.join(DATA_DIR, name)
 
 
-def prepare(corpus="pydoc", tokenizer="bpe", vocab_size=4096, out=None, val_fraction=0.1, verbose=True):
-    """Tokenize a corpus into out/{train,val}.bin + meta.json; returns the directory."""
+def prepare(corpus="pydoc", tokenizer="bpe", vocab_size=4096, out=None, val_fraction=0.1, verbose=True,
+            tokenizer_from=None):
+    """Tokenize a corpus into out/{train,val}.bin + meta.json; returns the directory.
+
+    tokenizer_from: a prepared dataset or training out_dir whose tokenizer to reuse (its
+    kind replaces `tokenizer`), so a pretrained model can be fine-tuned on this corpus."""
+    reused = None
+    if tokenizer_from:
+        meta_path = os.path.join(tokenizer_from, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"--tokenizer_from {tokenizer_from}: no meta.json there; give a prepared "
+                                    f"dataset directory or a training out_dir")
+        with open(meta_path) as f:
+            reused = json.load(f)
+        tokenizer = reused["tokenizer"]
     out = out or os.path.join(DATA_DIR, f"{corpus_name(corpus)}_{tokenizer}")
     docs = load_corpus(corpus)
     text = "\n\n".join(docs)
     meta = {"tokenizer": tokenizer, "corpus": corpus}
     os.makedirs(out, exist_ok=True)
     if tokenizer == "char":
-        tok = CharTokenizer("".join(sorted(set(text))))
+        tok = CharTokenizer(reused["chars"] if reused else "".join(sorted(set(text))))
         ids = tok.encode(text)
         meta["chars"] = tok.chars
     elif tokenizer in ("bpe", "gpt2"):
         if tokenizer == "bpe":
-            ranks = train_bpe(text, vocab_size, verbose=verbose)
+            if reused:
+                ranks = load_bpe(os.path.join(tokenizer_from, reused["tokenizer_file"]))
+            else:
+                ranks = train_bpe(text, vocab_size, verbose=verbose)
             save_bpe(ranks, os.path.join(out, "tokenizer.tiktoken"))
             meta["tokenizer_file"] = "tokenizer.tiktoken"
             tok = bpe_encoding(ranks)
@@ -147,9 +165,11 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size (bpe only)")
     p.add_argument("--out", default=None, help="output directory (default data/<corpus>_<tokenizer>)")
     p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--tokenizer_from", default=None, help="reuse the tokenizer of this dataset or out_dir")
     args = p.parse_args(argv)
     try:
-        prepare(args.corpus, args.tokenizer, args.vocab_size, args.out, args.val_fraction)
+        prepare(args.corpus, args.tokenizer, args.vocab_size, args.out, args.val_fraction,
+                tokenizer_from=args.tokenizer_from)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,0 +1,469 @@
+r"""Parameter-efficient fine-tuning: LoRA, prefix-tuning and QLoRA's paged AdamW.
+
+Papers (summaries in PAPERS.md):
+  - LoRA (Hu et al., arXiv:2106.09685) section 4.1: h = W0 x + (alpha / r) B A x.
+  - Prefix-tuning (Li & Liang, arXiv:2101.00190) section 4.2-4.3: trainable keys and
+    values at every layer, reparametrized through an MLP during training only.
+  - QLoRA (Dettmers et al., arXiv:2305.14314) section 3: NF4 base (quant.py) + LoRA on
+    every linear layer + paged optimizers.
+
+LoRA around any linear layer `base` (nn.Linear, quant.NF4Linear, quant.BitLinear):
+
+         x ──────────────┬──────────────┐
+                         │              │
+                  base (frozen W0)   A (r x in) ─> B (out x r) ─> * alpha/r
+                         │              │
+         h = ────────────+──────────────┘          B = 0 at the start: h = W0 x
+
+Note: this file shadows Hugging Face's `peft` package inside this repository; the tests
+import theirs around it (tests/test_peft.py).
+"""
+
+import json
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import HF_NAMES, hf_module_name
+
+# short target names -> module names inside a Block (model.py's wq wk wv wo, w1 w2 w3)
+TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
+           "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
+
+
+# ----------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * B(A(dropout(x))), the base frozen (LoRA eq. 3)."""
+
+    def __init__(self, base, r=8, alpha=16, dropout=0.0):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        self.base = base
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.scaling = alpha / r
+        w = next(iter([*base.parameters(), *base.buffers()]))  # for the device (NF4Linear has only buffers)
+        dtype = getattr(base, "compute_dtype", w.dtype)  # adapters train in the compute dtype (QLoRA)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
+        # The paper draws A from a Gaussian; loralib and HF PEFT use nn.Linear's Kaiming-uniform,
+        # as we do. Either way B = 0, so training starts from exactly the base model.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        self._unmerged_base = ()  # (quantized base,) kept whole while merged; a tuple keeps it out of state_dict
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def delta_weight(self):
+        """(alpha / r) B A: the (out, in) update that merging adds to W0."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        h = self.base(x)
+        if self.merged:
+            return h
+        x = F.dropout(x.to(self.lora_A.dtype), self.dropout, self.training)
+        return h + (x @ self.lora_A.T @ self.lora_B.T * self.scaling).to(h.dtype)  # (..., r) on the way
+
+    @torch.no_grad()
+    def merge(self):
+        """W = W0 + (alpha / r) B A: one matrix again, so no extra latency (section 4.1).
+
+        A plain nn.Linear merges in place (unmerge subtracts). A quantized base cannot hold
+        W0 + BA exactly: it is dequantized, updated and quantized again, which changes the
+        outputs; that error is measured on a probe batch and reported in a warning, and the
+        original base is kept so that unmerge restores it exactly.
+        """
+        if self.merged:
+            return
+        if type(self.base) is nn.Linear:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        else:
+            probe = torch.randn(64, self.in_features, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(self.lora_A.device, self.lora_A.dtype)
+            before = self.forward(probe)  # base + adapter, unmerged
+            self._unmerged_base = (self.base,)
+            self.base = requantize(self.base, base_weight(self.base).float() + self.delta_weight().float())
+            error = (self.base(probe).float() - before.float()).abs().mean() / before.float().abs().mean()
+            warnings.warn(f"merging LoRA into a {type(self._unmerged_base[0]).__name__} base re-quantizes its weight: "
+                          f"mean relative output error {error.item():.2e} on a probe batch; keep the adapter "
+                          f"unmerged for exact outputs", stacklevel=3)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        if self._unmerged_base:
+            self.base, self._unmerged_base = self._unmerged_base[0], ()
+        else:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+
+def base_weight(base):
+    """The (out, in) weight a layer multiplies by: dequantized for NF4/int8, latent for BitLinear."""
+    return base.dequantize() if hasattr(base, "dequantize") else base.weight
+
+
+def requantize(base, weight):
+    """A new layer of base's type holding `weight` (out, in), built by its from_linear."""
+    linear = nn.Linear(base.in_features, base.out_features, bias=False, device=weight.device)
+    linear.weight.data = weight
+    if hasattr(base, "blocksize"):  # quant.NF4Linear
+        return type(base).from_linear(linear, base.blocksize, base.double_quant, base.compute_dtype)
+    if hasattr(base, "from_linear"):
+        return type(base).from_linear(linear)
+    new = type(base)(base.in_features, base.out_features, **{k: getattr(base, k) for k in ("groups", "ternary")
+                                                             if hasattr(base, k)})
+    new.weight.data = weight.to(base.weight.dtype)  # BitLinear: the latent weight
+    freeze(new)
+    return new.to(weight.device)
+
+
+def parse_targets(targets):
+    """("q", "v") or "q,v" or "all" -> module names inside a Block, with a clear error."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if "all" in targets:
+        return list(TARGETS.values())
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA targets {unknown or targets}; valid names: {', '.join(TARGETS)} "
+                         f"or 'all' (q k v o = attention wq wk wv wo; gate up down = feed_forward w1 w3 w2)")
+    return [TARGETS[t] for t in targets]
+
+
+def freeze(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_lora(model, r=8, alpha=16, targets=("q", "v"), dropout=0.0):
+    """Freeze the model and wrap the targeted linear layers of every Block with LoRA. Returns model."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters; apply_lora once (or merge and reload)")
+    names = parse_targets(targets)
+    freeze(model)
+    for layer in model.layers:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    model.peft_config = {"peft": "lora", "r": r, "alpha": alpha, "dropout": dropout,
+                         "targets": [k for k, v in TARGETS.items() if v in names]}
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def trainable_state_dict(model):
+    """Only the parameters that train: what a PEFT checkpoint needs besides a pointer to the base."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- HF PEFT layout
+def hf_lora_name(name):
+    """'layers.0.attention.wq.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    module, _, which = name.rpartition(".")
+    return f"base_model.model.{hf_module_name(module)}.{which}.weight"
+
+
+def save_lora(model, path, base_path=""):
+    """adapter_config.json + adapter_model.safetensors as HF PEFT writes them, names matching
+    the model that model.save_hf exports; each file written atomically."""
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "peft_config", None)
+    if not cfg or cfg["peft"] != "lora":
+        raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
+    tensors = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for which in ("lora_A", "lora_B"):
+                tensors[hf_lora_name(f"{name}.{which}")] = getattr(m, which).detach().cpu().contiguous()
+    hf_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
+                 "lora_dropout": cfg["dropout"], "bias": "none", "fan_in_fan_out": False,
+                 "target_modules": sorted(HF_NAMES[TARGETS[t]].rpartition(".")[2] for t in cfg["targets"]),
+                 "base_model_name_or_path": base_path, "inference_mode": True, "use_rslora": False,
+                 "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(path, "adapter_model.safetensors.tmp"), os.path.join(path, "adapter_model.safetensors"))
+    write_json(hf_config, os.path.join(path, "adapter_config.json"))
+
+
+def load_lora(model, path):
+    """Load an HF PEFT LoRA adapter (ours or trained elsewhere); applies LoRA first if needed."""
+    from safetensors.torch import load_file
+
+    hf_config = read_json(os.path.join(path, "adapter_config.json"))
+    if hf_config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {hf_config.get('peft_type')!r} is not a LoRA adapter")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if hf_config.get(key):
+            raise ValueError(f"{path}: {key}=true is not supported here (plain LoRA only)")
+    if hf_config.get("bias", "none") != "none" or hf_config.get("rank_pattern") or hf_config.get("alpha_pattern"):
+        raise ValueError(f"{path}: LoRA biases and per-layer rank/alpha patterns are not supported")
+    if not lora_layers(model):
+        by_hf = {v.rpartition(".")[2]: k for k, v in ((k, HF_NAMES[v]) for k, v in TARGETS.items())}
+        modules = hf_config["target_modules"]
+        targets = "all" if modules == "all-linear" else [by_hf[m] for m in modules if m in by_hf]
+        apply_lora(model, hf_config["r"], hf_config["lora_alpha"], targets, hf_config.get("lora_dropout", 0.0))
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}  # some writers keep the adapter name
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for which in ("lora_A", "lora_B"):
+                key = hf_lora_name(f"{name}.{which}")
+                if key not in tensors:
+                    raise ValueError(f"{path}: adapter tensor {key} is missing")
+                t = tensors.pop(key)
+                if t.shape != getattr(m, which).shape:
+                    raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(getattr(m, which).shape)}: was it trained on another base?")
+                getattr(m, which).data.copy_(t)
+    if tensors:
+        raise ValueError(f"{path}: adapter tensors for modules this model has no LoRA on: {sorted(tensors)[:3]}")
+    return model
+
+
+def write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: an adapter directory holds adapter_config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- prefix-tuning
+class PrefixMLP(nn.Module):
+    """P_theta = MLP(P'_theta) (Li & Liang section 4.3): a (P, n_embd) prefix embedding P'
+    -> Linear -> tanh -> Linear -> keys and values of every layer, n_kv_head heads each
+    (so it composes with GQA and MQA). Used in training only; fold_prefix drops it."""
+
+    def __init__(self, config, prefix_len, hidden):
+        super().__init__()
+        self.config, self.prefix_len = config, prefix_len
+        self.embedding = nn.Parameter(torch.randn(prefix_len, config.n_embd) * 0.02)  # P'
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, config.n_layer * 2 * config.n_kv_head * config.head_dim))
+
+    def forward(self):
+        c = self.config
+        kv = self.mlp(self.embedding)  # (P, n_layer * 2 * n_kv_head * hd)
+        return kv.view(self.prefix_len, c.n_layer, 2, c.n_kv_head, c.head_dim).permute(1, 2, 3, 0, 4)
+
+
+class PrefixKV(nn.Module):
+    """The folded prefix: plain tensors (n_layer, 2, n_kv_head, P, hd), what gets saved."""
+
+    def __init__(self, kv):
+        super().__init__()
+        self.prefix_len = kv.shape[3]
+        self.kv = nn.Parameter(kv)
+
+    def forward(self):
+        return self.kv  # (n_layer, 2, n_kv_head, P, hd)
+
+
+class LayerPrefix:
+    """The attention hook of layer i: B -> (k, v), each (B, n_kv_head, P, hd).
+    A plain object, not a Module, so the shared encoder is registered once (on the model)."""
+
+    def __init__(self, encoder, layer):
+        self.encoder, self.layer = encoder, layer
+        self.prefix_len = encoder.prefix_len
+
+    def __call__(self, B):
+        k, v = self.encoder()[self.layer]  # (n_kv_head, P, hd) each
+        # prefixes carry no RoPE: they are free vectors, not tokens at a position, so real tokens keep 0, 1, ...
+        return k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+
+
+def attach_prefix(model, encoder):
+    model.prefix_encoder = encoder
+    for i, layer in enumerate(model.layers):
+        layer.attention.prefix = LayerPrefix(encoder, i)
+
+
+def apply_prefix(model, prefix_len=10, reparam_hidden=512):
+    """Freeze the model and give every layer prefix_len trainable keys/values (through the MLP)."""
+    if prefix_len < 1 or reparam_hidden < 1:
+        raise ValueError(f"prefix_len and reparam_hidden must be >= 1, got {prefix_len}, {reparam_hidden}")
+    if getattr(model, "prefix_encoder", None) is not None:
+        raise ValueError("the model already has a prefix; apply_prefix once")
+    freeze(model)
+    w = model.tok_embeddings.weight
+    attach_prefix(model, PrefixMLP(model.config, prefix_len, reparam_hidden).to(w.device, w.dtype))
+    model.peft_config = {"peft": "prefix", "prefix_len": prefix_len, "reparam_hidden": reparam_hidden}
+    return model
+
+
+@torch.no_grad()
+def fold_prefix(model):
+    """Replace the MLP by the prefix it computes (the paper keeps only P_theta). Returns model."""
+    encoder = getattr(model, "prefix_encoder", None)
+    if encoder is None:
+        raise ValueError("the model has no prefix; call apply_prefix first")
+    if isinstance(encoder, PrefixMLP):
+        attach_prefix(model, PrefixKV(encoder().detach().clone()))
+        model.peft_config = {**model.peft_config, "reparam_hidden": 0}
+    return model
+
+
+def save_prefix(model, path):
+    """The folded prefix as prefix.safetensors + adapter_config.json (our layout; HF PEFT's
+    prefix-tuning stores a different, model-specific shape). The model itself is not folded."""
+    from safetensors.torch import save_file
+
+    encoder = getattr(model, "prefix_encoder", None)
+    if encoder is None:
+        raise ValueError("the model has no prefix to save; call apply_prefix first")
+    with torch.no_grad():
+        kv = encoder().detach().cpu().contiguous()  # (n_layer, 2, n_kv_head, P, hd)
+    os.makedirs(path, exist_ok=True)
+    save_file({"prefix_kv": kv}, os.path.join(path, "prefix.safetensors.tmp"))
+    os.replace(os.path.join(path, "prefix.safetensors.tmp"), os.path.join(path, "prefix.safetensors"))
+    write_json({"peft_type": "PREFIX_KV", "prefix_len": encoder.prefix_len}, os.path.join(path, "adapter_config.json"))
+
+
+def load_adapter(model, path):
+    """Load whatever adapter `path` holds (LoRA in HF PEFT layout, or a folded prefix)."""
+    from safetensors.torch import load_file
+
+    kind = read_json(os.path.join(path, "adapter_config.json")).get("peft_type")
+    if kind == "LORA":
+        return load_lora(model, path)
+    if kind == "PREFIX_KV":
+        kv = load_file(os.path.join(path, "prefix.safetensors"))["prefix_kv"]
+        c = model.config
+        if kv.shape[:3] != (c.n_layer, 2, c.n_kv_head) or kv.shape[4] != c.head_dim:
+            raise ValueError(f"{path}: prefix of shape {tuple(kv.shape)} does not fit this model "
+                             f"(n_layer={c.n_layer}, n_kv_head={c.n_kv_head}, head_dim={c.head_dim})")
+        freeze(model)
+        w = model.tok_embeddings.weight
+        attach_prefix(model, PrefixKV(kv.to(w.device, w.dtype)))
+        model.peft_config = {"peft": "prefix", "prefix_len": kv.shape[3], "reparam_hidden": 0}
+        return model
+    raise ValueError(f"{path}: unknown adapter type {kind!r} (expected LORA or PREFIX_KV)")
+
+
+# ----------------------------------------------------------------------------- paged AdamW
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter, algorithm 2) whose moments live in host memory.
+
+    QLoRA's paged optimizers (section 3) let the GPU evict optimizer state to the CPU.
+    Here, in plain PyTorch: exp_avg and exp_avg_sq stay on the host (pinned when a GPU is
+    used) and at step time are paged to the parameter's device `page_numel` elements at a
+    time, updated there and copied back. On CPU the moves are no-ops: plain AdamW.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, page_numel=1 << 20):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.page_numel = page_numel
+
+    def host_state(self, p):
+        state = self.state[p]
+        if not state:
+            pin = p.device.type == "cuda"
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
+        for key in ("exp_avg", "exp_avg_sq"):  # load_state_dict puts state on the param's device
+            if state[key].device.type != "cpu":
+                state[key] = state[key].cpu()
+        state["step"] = state["step"].cpu()
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.host_state(p)
+                state["step"] += 1
+                t = state["step"].item()
+                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+                p.mul_(1 - lr * wd)  # decoupled weight decay
+                pages = zip(p.view(-1).split(self.page_numel), p.grad.view(-1).split(self.page_numel),
+                            state["exp_avg"].view(-1).split(self.page_numel),
+                            state["exp_avg_sq"].view(-1).split(self.page_numel))
+                for w, g, m_host, v_host in pages:
+                    m, v = m_host.to(p.device, non_blocking=True), v_host.to(p.device, non_blocking=True)  # page in
+                    m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+                    denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+                    w.addcdiv_(m, denom, value=-lr / bias1)
+                    if m.data_ptr() != m_host.data_ptr():  # page out
+                        m_host.copy_(m, non_blocking=True)
+                        v_host.copy_(v, non_blocking=True)
+        return loss
+
+
+# ----------------------------------------------------------------------------- memory accounting
+def finetune_memory(config, r=64, targets="all", base_bits=16):
+    """Bytes of a fine-tuning setup from shapes alone (no weights allocated), QLoRA section 3.
+
+    base: the block linears in 16 bits, or in NF4 + double quantization (base_bits=4, sizes
+    from quant.nf4_nbytes); embeddings, head and norms in 16 bits. Adapters and all
+    gradients in 16 bits; AdamW keeps two fp32 moments per trainable parameter. r=0 is full
+    fine-tuning (every parameter trains). Activations are left out: they depend on the batch.
+    """
+    from model import count_params
+
+    c = config
+    shapes = {"attention.wq": (c.n_head * c.head_dim, c.n_embd), "attention.wk": (c.n_kv_head * c.head_dim, c.n_embd),
+              "attention.wv": (c.n_kv_head * c.head_dim, c.n_embd), "attention.wo": (c.n_embd, c.n_head * c.head_dim),
+              "feed_forward.w1": (c.intermediate_size, c.n_embd), "feed_forward.w3": (c.intermediate_size, c.n_embd),
+              "feed_forward.w2": (c.n_embd, c.intermediate_size)}
+    n_all = count_params(c)
+    n_block_linear = c.n_layer * sum(o * i for o, i in shapes.values())
+    if base_bits == 4:
+        import quant
+        base = c.n_layer * sum(quant.nf4_nbytes(o * i) for o, i in shapes.values()) + 2 * (n_all - n_block_linear)
+    elif base_bits == 16:
+        base = 2 * n_all
+    else:
+        raise ValueError(f"base_bits must be 16 or 4 (NF4), got {base_bits}")
+    names = parse_targets(targets)
+    trainable = n_all if r == 0 else c.n_layer * sum(r * (o + i) for name, (o, i) in shapes.items() if name in names)
+    parts = {"base": base, "adapters": 0 if r == 0 else 2 * trainable, "gradients": 2 * trainable,
+             "optimizer": 8 * trainable}
+    return {**parts, "total": sum(parts.values()), "trainable_params": trainable}
