@@ -5,6 +5,8 @@ Papers (summaries in PAPERS.md):
   - RoFormer (arXiv:2104.09864), section 3.4: rotary position embedding (RoPE).
   - Fast Transformer Decoding (MQA, arXiv:1911.02150) and GQA (arXiv:2305.13245),
     section 2: fewer key/value heads than query heads.
+  - Sparse Transformer (arXiv:1904.10509) section 4.2: strided + local attention, an
+    optional mask (GPT-3 section 2.1 alternates such layers with dense ones).
 
 Notation used in the shape comments:
   B batch, T new tokens (the queries), S keys/values visible to them (prefix + cache + new),
@@ -85,6 +87,23 @@ def causal_mask(T, S, device=None):
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
+def sparse_causal_mask(T, S, local, stride, device=None):
+    """(T, S) boolean mask of the Sparse Transformer's strided pattern (Child et al. 2019,
+    arXiv:1904.10509, section 4.2), both of its heads merged into one: query i reads key
+    j <= i when j is among its last `local` positions, i - j < local (the local band), or
+    when i - j is a multiple of `stride` (the strided columns that carry information
+    from far back). Bottom-right aligned like causal_mask; local or stride 0 turns that
+    part off. Each query then reads about local + i / stride keys instead of i + 1.
+    """
+    i = torch.arange(S - T, S, device=device)[:, None]  # the queries' positions
+    j = torch.arange(S, device=device)[None, :]
+    back = i - j  # how far back key j is from query i
+    causal = back >= 0
+    near = back < local if local else torch.zeros_like(causal)
+    strided = back % stride == 0 if stride else torch.zeros_like(causal)
+    return causal & (near | strided)
+
+
 # ----------------------------------------------------------------------------- two paths
 def math_attention(q, k, v, mask=None, dropout_p=0.0):
     """The explicit path, for reading: softmax(Q K^T / sqrt(hd) + causal mask) V.
@@ -162,6 +181,7 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.attn_impl = config.attn_impl  # "sdpa" (fused) or "math" (explicit)
         self.dropout = config.dropout
+        self.sparse = (config.sparse_local, config.sparse_stride)  # (0, 0): dense causal attention
         self.save_weights = False  # set True to keep the last attention weights (math path)
         self.weights = None
         # Prefix-tuning hook (peft.apply_prefix sets it): a callable B -> (k, v), each
@@ -182,6 +202,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv_head, S, hd): everything so far
 
+        if mask is None and any(self.sparse):  # the same boolean mask for both paths
+            mask = sparse_causal_mask(T, k.shape[2], *self.sparse, device=x.device)
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "math":
             y, att = math_attention(q, k, v, mask, dropout_p)

@@ -57,6 +57,8 @@ class ModelConfig:
     bitlinear: bool = False  # BitNet: every linear layer inside the blocks is a quant.BitLinear
     bitlinear_groups: int = 1  # BitNet's group quantization (G groups of input features)
     bitlinear_ternary: bool = False  # BitNet b1.58: ternary {-1, 0, 1} weights instead of binary
+    sparse_local: int = 0  # Sparse Transformer: each query reads its last sparse_local positions...
+    sparse_stride: int = 0  # ...and every sparse_stride-th one before them; both 0: dense attention
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "multiple_of"):
@@ -83,6 +85,9 @@ class ModelConfig:
             raise ValueError(f"attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("rope_theta and norm_eps must be positive")
+        if self.sparse_local < 0 or self.sparse_stride < 0:
+            raise ValueError(f"sparse_local and sparse_stride must be >= 0 (0: dense), got "
+                             f"{self.sparse_local} and {self.sparse_stride}")
         for width in (self.n_embd, self.intermediate_size):
             if self.bitlinear and (self.bitlinear_groups < 1 or width % self.bitlinear_groups):
                 raise ValueError(f"bitlinear_groups={self.bitlinear_groups} must be >= 1 and divide the input "
@@ -372,6 +377,42 @@ def flops_per_token(config, seq_len=None):
     return 6 * n_matmul + 12 * L * config.n_head * config.head_dim * T
 
 
+# ----------------------------------------------------------------------------- GQA uptraining
+def convert_kv_heads(model, n_kv_head, method="mean"):
+    """A copy of `model` with n_kv_head key/value heads (GQA section 2, "uptraining").
+
+    The query heads that will share new kv head g are the ones attention maps to it,
+    h // (n_head // n_kv_head) == g (attention.repeat_kv). Their current kv heads are
+    pooled into it: "mean" averages them (the paper's choice, best in its Figure 4),
+    "first" keeps the first, "random" starts it fresh. The rest of the model is copied.
+
+        MHA, 8 heads:   k0 k1 k2 k3 k4 k5 k6 k7
+        GQA-2 (mean):   mean(k0..k3)  mean(k4..k7)
+    """
+    c = model.config
+    if method not in ("mean", "first", "random"):
+        raise ValueError(f"method must be 'mean', 'first' or 'random', got {method!r}")
+    if n_kv_head < 1 or c.n_kv_head % n_kv_head:
+        raise ValueError(f"cannot pool the model's {c.n_kv_head} kv heads into n_kv_head={n_kv_head}: it must "
+                         f"divide {c.n_kv_head} (and so n_head={c.n_head})")
+    group = c.n_kv_head // n_kv_head  # current kv heads pooled into each new one
+    p = model.tok_embeddings.weight
+    new = Transformer(ModelConfig.from_dict({**c.to_dict(), "n_kv_head": n_kv_head})).to(p.device, p.dtype)
+    state = model.state_dict()
+    for name, w in state.items():
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            heads = w.view(n_kv_head, group, c.head_dim, c.n_embd)  # (new kv head, pooled, hd, C)
+            if method == "mean":
+                w = heads.mean(dim=1)
+            elif method == "first":
+                w = heads[:, 0]
+            else:
+                w = new.state_dict()[name]  # the fresh initialization of `new`
+            state[name] = w.reshape(n_kv_head * c.head_dim, c.n_embd)
+    new.load_state_dict(state)
+    return new
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 # Our module names -> Hugging Face LlamaForCausalLM's (the glossary above, in code).
 HF_NAMES = {
@@ -430,6 +471,9 @@ def config_from_hf(hf):
 def config_to_hf(config, dtype=torch.float32):
     if config.parallel_block:
         raise ValueError("a parallel_block model has no Hugging Face Llama equivalent; train it serial to export")
+    if config.sparse_local or config.sparse_stride:
+        raise ValueError("a sparse-attention model has no Hugging Face Llama equivalent (it attends to other "
+                         "positions); export a dense one (sparse_local=0, sparse_stride=0)")
     if config.bitlinear:
         raise ValueError("a bitlinear (BitNet) model has no Hugging Face Llama equivalent: its linear layers "
                          "binarize weights and quantize activations in the forward pass; export a model "

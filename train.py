@@ -7,6 +7,7 @@
     python train.py --out_dir out/demo --resume          # continue exactly where it stopped
     python train.py --config tinyllama_1b --batch_size 1 --estimate_memory   # will it fit?
     torchrun --nproc_per_node 2 train.py --config demo --dist ddp   # or --dist fsdp
+    python train.py --init_from out/mha --n_kv_head 2 --kv_init mean --max_iters 30   # GQA uptraining
 
 A config is a named preset of TrainConfig (below) plus a ModelConfig preset (model.py);
 `--field value` overrides any field of either. Values are parsed by the field's type,
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from data.prepare import dataset_dir, prepare
-from model import ModelConfig, Transformer, count_params, flops_per_token
+from model import ModelConfig, Transformer, convert_kv_heads, count_params, flops_per_token
 
 
 # ----------------------------------------------------------------------------- config
@@ -70,6 +71,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     dist: str = "ddp"  # under torchrun: ddp or fsdp
     seed: int = 1337
+    kv_init: str = ""  # with --init_from and a new --n_kv_head: mean, first or random (convert_kv_heads)
     # parameter-efficient fine-tuning of --init_from (peft.py): "" (full), lora, prefix or qlora
     peft: str = ""
     lora_r: int = 8
@@ -155,6 +157,8 @@ def check_train_config(cfg):
         raise ValueError(f"--dist must be ddp or fsdp, got {cfg.dist!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.kv_init not in ("", "mean", "first", "random"):
+        raise ValueError(f"--kv_init must be mean, first or random, got {cfg.kv_init!r}")
     if cfg.peft not in ("", "lora", "prefix", "qlora"):
         raise ValueError(f"--peft must be lora, prefix or qlora (or empty for full fine-tuning), got {cfg.peft!r}")
     if cfg.peft and not cfg.init_from and not cfg.resume:
@@ -460,12 +464,18 @@ def build_model(cfg, model_args, meta, ckpt):
         return Transformer(ModelConfig.from_dict(ckpt["config"]))
     if cfg.init_from:
         base, state = load_pretrained(cfg.init_from)
+        n_kv_head = model_args.get("n_kv_head", base.n_kv_head)
+        if n_kv_head != base.n_kv_head and not cfg.kv_init:
+            raise ValueError(f"--init_from {cfg.init_from} has n_kv_head={base.n_kv_head}; to uptrain it with "
+                             f"n_kv_head={n_kv_head} say how to build the new heads: --kv_init mean|first|random")
         try:
-            model = Transformer(ModelConfig.from_dict({**base.to_dict(), **model_args}))
+            model = Transformer(ModelConfig.from_dict({**base.to_dict(), **model_args, "n_kv_head": base.n_kv_head}))
             model.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"--init_from {cfg.init_from}: the overrides {model_args} change the shape of "
                              f"the pretrained weights ({str(e).splitlines()[1].strip()})") from None
+        if n_kv_head != base.n_kv_head:  # GQA uptraining: pool the checkpoint's kv heads
+            model = convert_kv_heads(model, n_kv_head, cfg.kv_init)
     else:
         if model_args.get("vocab_size", vocab) < vocab:
             raise ValueError(f"vocab_size={model_args['vocab_size']} is smaller than the tokenizer's {vocab} tokens")
