@@ -601,6 +601,7 @@ def train(cfg, model_args=None, explicit=()):
             print("compiling the model (the first iterations are slow)")
 
     def save(iter_num):
+        history["step_seconds"] = resumed_seconds + sum(step_times)  # training time, evaluations excluded
         model_sd, optim_sd = state_dicts(raw, optimizer)
         rngs = [torch.get_rng_state()]
         cuda_rngs = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
@@ -620,6 +621,7 @@ def train(cfg, model_args=None, explicit=()):
                 save_adapter(raw, cfg)
 
     step_times = []  # seconds of each optimizer step (evaluations excluded)
+    resumed_seconds = history.get("step_seconds", 0.0)
     last_saved = start_iter if ckpt is not None else None
     while True:
         at_end = iter_num >= cfg.max_iters

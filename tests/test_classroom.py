@@ -100,3 +100,15 @@ def test_sparse_model_paths_agree_and_the_cache_works():
     for _ in range(20):
         uncached = torch.cat([uncached, b(uncached)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, uncached)
+
+
+# ----------------------------------------------------------------------------- experiments
+@pytest.mark.parametrize("name", ["gqa_uptrain", "parallel_block", "sparse_attention", "scaling_laws", "visualize"])
+def test_experiment_quick_run(name):
+    """Each classroom experiment runs end to end at tiny sizes and writes its JSON and PNG."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"), "--quick"], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for ext in ("json", "png"):
+        assert os.path.getsize(os.path.join(ROOT, "experiments", "out", f"{name}_quick.{ext}")) > 0

@@ -1,0 +1,68 @@
+"""Shared by the classroom experiments: small char-level models on the offline pydoc
+corpus, trained through train.py itself, and the JSON/PNG outputs."""
+
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+
+OUT = os.path.join(ROOT, "experiments", "out")
+# The base model of the experiments: 4 x 128, 8 heads, 128 characters of context.
+FULL = dict(n_layer=4, n_embd=128, n_head=8, block_size=128, batch=16, iters=400, eval_iters=10)
+QUICK = dict(n_layer=1, n_embd=32, n_head=4, block_size=32, batch=2, iters=4, eval_iters=1)
+
+
+def sizes(quick):
+    return QUICK if quick else FULL
+
+
+def run(out_dir, s, *args, iters=None, eval_every=None):
+    """python train.py on the char-level pydoc dataset, in-process: (history, seconds).
+
+    A finished run is reused (its checkpoint holds the history), so a script that was
+    interrupted picks up where it stopped."""
+    iters = s["iters"] if iters is None else iters
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(ckpt):
+        done = train.load_checkpoint(ckpt)
+        if done["iter_num"] == iters and "seconds" in done.get("history", {}):
+            return done["history"], done["history"]["seconds"]
+    argv = ["--dataset", "pydoc_char", "--out_dir", out_dir, "--n_layer", str(s["n_layer"]),
+            "--n_embd", str(s["n_embd"]), "--n_head", str(s["n_head"]), "--block_size", str(s["block_size"]),
+            "--batch_size", str(s["batch"]), "--max_iters", str(iters), "--eval_iters", str(s["eval_iters"]),
+            "--eval_interval", str(eval_every or max(iters, 1)), "--log_interval", str(max(iters // 4, 1)),
+            "--warmup_iters", str(iters // 10), *map(str, args)]
+    if "--n_kv_head" not in argv:
+        argv += ["--n_kv_head", str(s["n_head"])]
+    cfg, model_args, explicit = train.parse_args(argv)
+    t0 = time.perf_counter()
+    history = train.train(cfg, model_args, explicit)
+    seconds = time.perf_counter() - t0
+    history["seconds"] = seconds
+    ckpt_data = train.load_checkpoint(ckpt)
+    ckpt_data["history"] = history
+    train.save_checkpoint(ckpt_data, ckpt)  # remember the wall time with the run
+    return history, seconds
+
+
+def write(name, quick, results, fig):
+    """experiments/out/<name>.json and .png (<name>_quick.* for the smoke test)."""
+    os.makedirs(OUT, exist_ok=True)
+    stem = os.path.join(OUT, name + ("_quick" if quick else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    return matplotlib.pyplot
