@@ -4,6 +4,7 @@
     python sample.py --out_dir out/demo --prompt FILE:prompt.txt --temperature 0.8 --top_k 200 \\
         --top_p 0.95 --num_samples 3 --max_new_tokens 300 --seed 1
     python sample.py --hf_dir path/to/TinyLlama-1.1B --prompt "Once upon a time"
+    python sample.py --out_dir out/demo --quantize nf4-dq     # blocks' linears in NF4 (quant.py)
 
 Decoding reads the prompt once into a KV cache and then feeds one token per step
 (model.generate_tokens). temperature 0 is greedy; top_k keeps the k most likely tokens,
@@ -95,10 +96,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eos_id", type=int, default=None, help="stop a sample at this token id")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
+                   help="store the blocks' linear layers quantized (quant.quantize_model)")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
         model, tokenizer = load_model(args, device)
+        if args.quantize:
+            import quant
+            quant.quantize_model(model, args.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else None)
         model.eval()
         prompt_ids = tokenizer.encode(read_prompt(args.prompt))
         if not prompt_ids:
