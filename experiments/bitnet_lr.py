@@ -96,6 +96,8 @@ def plot(results, lrs, path):
     for i, variant in enumerate(VARIANTS):
         ax.plot(lrs, [results[variant][str(lr)]["val_loss"] for lr in lrs], "o-", color=f"C{i}", label=variant)
     ax.set_xscale("log")
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], minor=False)
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss")
     ax.set_title("final validation loss vs learning rate")

@@ -115,7 +115,7 @@ def plot(errors_normal, errors_trained, table, path):
         ax.set_xlabel("quantization error (w_hat - w)")
         ax.set_ylabel("count")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
     names = list(table)
     ppl = [table[n]["ppl"] for n in names]
     bars = axes[2].bar(names, ppl, color=["gray"] + ["C0"] * (len(names) - 1))

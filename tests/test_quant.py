@@ -106,6 +106,10 @@ def test_nf4_equals_bitsandbytes():
     torch.testing.assert_close(q.absmax, state.absmax)
     assert (q.codes == packed.flatten()).float().mean() > 0.9999  # identical packing (ties: ~1 ulp apart)
     torch.testing.assert_close(quant.dequantize_nf4(q), theirs, atol=1e-6, rtol=1e-6)
+    odd = torch.randn(33, 17)  # 561 values: bnb quantizes the last partial block on its own, we pad it
+    packed, state = F.quantize_4bit(odd, blocksize=64, quant_type="nf4")
+    torch.testing.assert_close(quant.dequantize_nf4(quant.quantize_nf4(odd, 64, False)),
+                               F.dequantize_4bit(packed, state), atol=1e-6, rtol=1e-6)
 
 
 def test_double_quant_error_close_to_bitsandbytes():
