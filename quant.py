@@ -435,8 +435,9 @@ def print_report(config, method="nf4-dq", name=""):
               f"{8 * r['after'] / r['numel']:>10.3f}")
     quantized = [r for r in rows if r["method"] != "keep"]
     linear_numel = sum(r["numel"] for r in quantized)
-    print(f"\nblock linears: {linear_numel:,} params, {8 * sum(r['after'] for r in quantized) / linear_numel:.4f} "
-          f"bits/param in {method}")
+    linear_bytes = sum(r["after"] for r in quantized)
+    print(f"\nblock linears: {linear_numel:,} params: fp32 {4 * linear_numel:,} B, bf16 {2 * linear_numel:,} B, "
+          f"{method} {linear_bytes:,} B = {8 * linear_bytes / linear_numel:.4f} bits/param")
     print(f"whole model: fp32 {totals['fp32'] / 2**30:.3f} GiB | bf16 {totals['bf16'] / 2**30:.3f} GiB | "
           f"{method} {totals['after'] / 2**30:.3f} GiB ({totals['after']:,} bytes)")
     return rows, totals

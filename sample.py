@@ -5,6 +5,7 @@
         --top_p 0.95 --num_samples 3 --max_new_tokens 300 --seed 1
     python sample.py --hf_dir path/to/TinyLlama-1.1B --prompt "Once upon a time"
     python sample.py --out_dir out/base --adapter out/lora   # a LoRA / prefix adapter (peft.py)
+    python sample.py --out_dir out/demo --quantize nf4-dq     # blocks' linears in NF4 (quant.py)
 
 Decoding reads the prompt once into a KV cache and then feeds one token per step
 (model.generate_tokens). temperature 0 is greedy; top_k keeps the k most likely tokens,
@@ -97,10 +98,15 @@ def main(argv=None):
     p.add_argument("--eos_id", type=int, default=None, help="stop a sample at this token id")
     p.add_argument("--device", default="auto")
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
+    p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
+                   help="store the blocks' linear layers quantized (quant.quantize_model)")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
         model, tokenizer = load_model(args, device)
+        if args.quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
+            import quant
+            quant.quantize_model(model, args.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else None)
         if args.adapter:
             from peft import load_adapter
             inner = os.path.join(args.adapter, "adapter")  # a --peft training run writes out_dir/adapter
