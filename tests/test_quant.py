@@ -20,6 +20,15 @@ PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098
                  0.7229568362236023, 1.0]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is faster, and on a shared CPU far faster (no spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- NF4
 def test_nf4_levels_match_published_table():
     assert len(quant.NF4_LEVELS) == 16
@@ -271,7 +280,7 @@ def test_bitlinear_model_trains_and_refuses_hf_export(tmp_path):
 def test_experiment_runs_quick(name, char_dataset, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"), "--quick",
                         "--dataset", char_dataset, "--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+                       timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     import json
@@ -292,6 +301,6 @@ def test_sample_quantize(char_dataset, tmp_path):
     for method in ("nf4-dq", "int8"):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir", out, "--prompt", "The ",
                             "--max_new_tokens", "10", "--quantize", method], capture_output=True, text=True,
-                           timeout=300, cwd=ROOT)
+                           timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("The ") and len(r.stdout) == len("The ") + 10 + 1
