@@ -184,9 +184,9 @@ def child(args):
     config = ModelConfig.from_name(args["model"], **args.get("overrides", {}))
     before = rss()
     t0 = time.perf_counter()
-    model = Transformer(config)
+    model = qlora_model(config) if args.get("qlora") else Transformer(config)
     t_init = time.perf_counter() - t0
-    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    optimizer = make_optimizer(model, TrainConfig(peft="qlora" if args.get("qlora") else ""), torch.device("cpu"))
     x = torch.randint(config.vocab_size, (args["batch"], args["seq"]))
     train_step(model, optimizer, x, x, False)  # the first step creates AdamW's state...
     t1 = time.perf_counter()
@@ -194,6 +194,24 @@ def child(args):
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     print(json.dumps({"peak_bytes": peak - before, "init_s": t_init, "step_s": t2 - t1}))
+
+
+def qlora_model(config, r=8):
+    """QLoRA's setting (section 4) built one block at a time, so the fp32 base never exists
+    whole: each block is created, initialized, its linears stored in NF4 + double
+    quantization, then the next; LoRA r on all projections; embeddings and head fp32."""
+    import peft
+    import quant
+    with torch.device("meta"):
+        model = Transformer(config)
+    for module in [model.tok_embeddings, model.norm, model.output, *model.layers]:
+        module.to_empty(device="cpu")
+        for p in module.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
+        if module in model.layers:
+            quant.replace_linears(module, lambda lin: quant.NF4Linear.from_linear(lin, double_quant=True))
+    model.reset_rope()
+    return peft.apply_lora(model, r=r, alpha=2 * r, targets="all")
 
 
 def bench_memory(cases):
@@ -248,6 +266,10 @@ def main():
         report["memory"] = bench_memory(cases)
     if "tinyllama" in sections:
         report["tinyllama"] = bench_memory([("tinyllama_1b", 1, 256, {})])
+        got = peak_rss_of({"model": "tinyllama_1b", "batch": 1, "seq": 256, "qlora": True})
+        report["tinyllama_qlora"] = got
+        print(f"  tinyllama_1b  1x256 QLoRA (NF4+DQ base, LoRA r=8 on all projections, paged AdamW): "
+              f"measured {format_bytes(got['peak_bytes'])}, step {got['step_s']:.1f} s")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -102,6 +102,7 @@ def finetune(s, name, method, extra, base, data, root):
         from safetensors.torch import load_file
         row["saved_params"] = load_file(saved[0])["prefix_kv"].numel()
         row["saved_pct"] = 100 * row["saved_params"] / count_params(config)
+        row["prefix_len"] = int(extra[extra.index("--prefix_len") + 1])
     with open(cached + ".tmp", "w") as f:
         json.dump(row, f)
     os.replace(cached + ".tmp", cached)
@@ -196,14 +197,18 @@ def plot(rows, base_val, memory, path):
     for r in rows:
         if r["method"] == "full":
             ax.plot(r["trainable"], r["val_loss"], "k*", ms=12, label="full fine-tuning")
-        if r["method"] == "prefix":
+        if r["name"] == "prefix":
             ax.plot(r["saved_params"], r["val_loss"], "D", color="C3",
-                    label=f"prefix-tuning (folded: {r['saved_pct']:.2f}% of params)")
+                    label=f"prefix-tuning P=10 (folded: {r['saved_pct']:.2f}% of params)")
         if r["name"].endswith("_lr1e-2"):
             ax.plot(r["trainable"], r["val_loss"], "o" if "_qv_" in r["name"] else "s", mfc="none", color="C2", ms=9,
                     label=f"{r['name'].rsplit('_', 1)[0].replace('_', ' ')}, lr 1e-2 (5x)")
         if r["method"] == "qlora":
             ax.plot(r["trainable"], r["val_loss"], "^", color="C4", ms=9, label="QLoRA (NF4 base, r=8 all)")
+    prefixes = sorted((r for r in rows if r["method"] == "prefix"), key=lambda r: r["saved_params"])
+    if len(prefixes) > 1:  # the prefix-length sweep
+        ax.plot([r["saved_params"] for r in prefixes], [r["val_loss"] for r in prefixes], "d:", color="C3",
+                label="prefix-tuning, P = " + ", ".join(str(r["prefix_len"]) for r in prefixes))
     ax.axhline(base_val, color="gray", ls="--", lw=1, label="pretrained, no fine-tuning")
     ax.set_xscale("log")
     ax.set_xlabel("trainable (saved) parameters")
@@ -251,6 +256,8 @@ def main():
                                                  "--lora_targets", targets]) for r in s["ranks"]]
     runs += [("prefix", "prefix", ["--prefix_len", "10", "--prefix_hidden", "512"]),
              ("qlora_r8", "qlora", ["--lora_r", "8", "--lora_alpha", "16"])]
+    if not args.quick:  # the prefix length sweep (P = 10 is "prefix" above)
+        runs += [(f"prefix_P{P}", "prefix", ["--prefix_len", str(P), "--prefix_hidden", "512"]) for P in (1, 3, 30)]
     if not args.quick:  # is LoRA held back by its learning rate? the same runs at 5x the rate
         runs += [(f"lora_{where}_r8_lr1e-2", "lora", ["--lora_r", "8", "--lora_alpha", "16", "--lora_targets", targets,
                                                       "--learning_rate", "1e-2", "--min_lr", "1e-3"])

@@ -55,7 +55,8 @@ def main():
     for n_kv in sorted(set(kv_options), reverse=True):
         for method in ("mean", "first", "random"):
             h, sec = run(os.path.join(root, f"kv{n_kv}_{method}"), s, "--init_from", mha_dir, "--n_kv_head", n_kv,
-                         "--kv_init", method, "--learning_rate", "3e-4", "--warmup_iters", 0, iters=up_iters)
+                         "--kv_init", method, "--learning_rate", "1e-3", "--warmup_iters", max(up_iters // 10, 1),
+                         iters=up_iters)
             row = {"n_kv_head": n_kv, "method": method, "before": h["val_loss"][0], "after": h["val_loss"][-1],
                    "seconds": sec}
             results["converted"].append(row)
@@ -76,7 +77,7 @@ def main():
               f"{row['decode_tok_s']:,.0f} tokens/s")
 
     pyplot = plt()
-    fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
     colors = {"mean": "C0", "first": "C1", "random": "C2"}
     for method in colors:
         rows = [r for r in results["converted"] if r["method"] == method]
@@ -87,10 +88,11 @@ def main():
     ax1.plot([r["n_kv_head"] for r in results["scratch"]], [r["val_loss"] for r in results["scratch"]], "s--",
              color="k", label=f"from scratch ({s['iters']} steps)")
     ax1.axhline(results["mha"]["val_loss"], color="gray", label="MHA (the starting point)")
-    ax1.set(xscale="log", xlabel="n_kv_head", ylabel="validation loss", title="MHA -> GQA: pool heads, uptrain 5%")
+    ax1.set_xscale("log", base=2)
+    ax1.minorticks_off()
+    ax1.set(xlabel="n_kv_head", ylabel="validation loss", title="MHA -> GQA: pool heads, uptrain 5%")
     ax1.set_xticks([r["n_kv_head"] for r in results["decode"]], [str(r["n_kv_head"]) for r in results["decode"]])
-    ax1.set_ylim(top=min(ax1.get_ylim()[1], results["mha"]["val_loss"] + 1.5))
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     d = results["decode"]
     ax2.bar([str(r["n_kv_head"]) for r in d], [r["kv_bytes_per_token"] for r in d], color="C4")
     ax2.set(xlabel="n_kv_head", ylabel="KV-cache bytes per token", title="cache size and decoding speed")
