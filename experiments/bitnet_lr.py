@@ -25,6 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import save_figure  # noqa: E402
 import torch  # noqa: E402
 
 import quant  # noqa: E402
@@ -105,10 +106,7 @@ def plot(results, lrs, path):
     ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path, dpi=100)
 
 
 def main():

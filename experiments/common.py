@@ -56,9 +56,16 @@ def write(name, quick, results, fig):
     stem = os.path.join(OUT, name + ("_quick" if quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2)
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=110)
+    save_figure(fig, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png")
+
+
+def save_figure(fig, path, dpi=110):
+    """tight_layout, then write the PNG under a temporary name and rename it (atomic)."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", format="png", dpi=dpi)
+    plt().close(fig)
+    os.replace(path + ".tmp", path)
 
 
 def plt():

@@ -24,6 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import save_figure  # noqa: E402
 import torch  # noqa: E402
 
 import peft  # noqa: E402
@@ -229,10 +230,7 @@ def plot(rows, base_val, memory, path):
     bx.set_ylabel("GiB (weights, gradients, AdamW state; no activations)")
     bx.set_title("TinyLlama-1.1B fine-tuning memory, from shapes", fontsize=10)
     bx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path, dpi=110)
 
 
 def main():

@@ -23,6 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import save_figure  # noqa: E402
 import torch  # noqa: E402
 
 import quant  # noqa: E402
@@ -127,10 +128,7 @@ def plot(errors_normal, errors_trained, table, path):
     axes[2].set_ylabel("validation perplexity (labels: val loss)")
     axes[2].set_title("trained model, blocks' linears quantized")
     axes[2].tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path, dpi=110)
 
 
 def main():
