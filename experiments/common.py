@@ -5,13 +5,15 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 
-OUT = os.path.join(ROOT, "experiments", "out")
+# where results and cached runs go (the tests point it at a temporary folder)
+OUT = os.environ.get("EXPERIMENTS_OUT", os.path.join(ROOT, "experiments", "out"))
 # The base model of the experiments: 4 x 128, 8 heads, 128 characters of context.
 FULL = dict(n_layer=4, n_embd=128, n_head=8, block_size=128, batch=16, iters=400, eval_iters=10)
 QUICK = dict(n_layer=1, n_embd=32, n_head=4, block_size=32, batch=2, iters=4, eval_iters=1)
@@ -24,14 +26,9 @@ def sizes(quick):
 def run(out_dir, s, *args, iters=None, eval_every=None):
     """python train.py on the char-level pydoc dataset, in-process: (history, seconds).
 
-    A finished run is reused (its checkpoint holds the history), so a script that was
-    interrupted picks up where it stopped."""
+    A finished run with the same settings is reused (its checkpoint holds the history);
+    one that was cut short is resumed; one made with other settings is trained again."""
     iters = s["iters"] if iters is None else iters
-    ckpt = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt):
-        done = train.load_checkpoint(ckpt)
-        if done["iter_num"] == iters and "seconds" in done.get("history", {}):
-            return done["history"], done["history"]["seconds"]
     argv = ["--dataset", "pydoc_char", "--out_dir", out_dir, "--n_layer", str(s["n_layer"]),
             "--n_embd", str(s["n_embd"]), "--n_head", str(s["n_head"]), "--block_size", str(s["block_size"]),
             "--batch_size", str(s["batch"]), "--max_iters", str(iters), "--eval_iters", str(s["eval_iters"]),
@@ -40,6 +37,17 @@ def run(out_dir, s, *args, iters=None, eval_every=None):
     if "--n_kv_head" not in argv:
         argv += ["--n_kv_head", str(s["n_head"])]
     cfg, model_args, explicit = train.parse_args(argv)
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(ckpt):
+        done = train.load_checkpoint(ckpt)
+        same = ({**done["train_config"], "resume": False} == asdict(cfg)
+                and all(done["config"].get(k) == v for k, v in model_args.items()))
+        if same and done["iter_num"] == iters and "seconds" in done["history"]:
+            return done["history"], done["history"]["seconds"]
+        if same:
+            cfg = replace(cfg, resume=True)
+        else:
+            os.remove(ckpt)
     t0 = time.perf_counter()
     history = train.train(cfg, model_args, explicit)
     seconds = time.perf_counter() - t0
@@ -54,8 +62,9 @@ def write(name, quick, results, fig):
     """experiments/out/<name>.json and .png (<name>_quick.* for the smoke test)."""
     os.makedirs(OUT, exist_ok=True)
     stem = os.path.join(OUT, name + ("_quick" if quick else ""))
-    with open(stem + ".json", "w") as f:
+    with open(stem + ".json.tmp", "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(stem + ".json.tmp", stem + ".json")
     save_figure(fig, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png")
 

@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import save_figure  # noqa: E402
+from common import OUT, save_figure  # noqa: E402
 import torch  # noqa: E402
 
 import peft  # noqa: E402
@@ -32,7 +32,6 @@ import train  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from model import ModelConfig, Transformer, count_params  # noqa: E402
 
-OUT = os.path.join(ROOT, "experiments", "out")
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 FULL = dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, block_size=64, vocab=4096, batch=8,
             pretrain_iters=400, finetune_iters=100, eval_iters=8, ranks=(1, 2, 4, 8, 64), repeats=20)

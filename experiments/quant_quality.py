@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import save_figure  # noqa: E402
+from common import OUT, save_figure  # noqa: E402
 import torch  # noqa: E402
 
 import quant  # noqa: E402
@@ -135,7 +135,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds (CI)")
     p.add_argument("--dataset", default="pydoc_char")
-    p.add_argument("--out", default=os.path.join(ROOT, "experiments", "out"))
+    p.add_argument("--out", default=OUT)
     args = p.parse_args()
     setup = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,8 @@
 """The classroom pieces: MHA -> GQA conversion (uptraining), sparse attention masks, and
 every experiment script's --quick smoke run."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -104,11 +106,26 @@ def test_sparse_model_paths_agree_and_the_cache_works():
 
 # ----------------------------------------------------------------------------- experiments
 @pytest.mark.parametrize("name", ["gqa_uptrain", "parallel_block", "sparse_attention", "scaling_laws", "visualize"])
-def test_experiment_quick_run(name):
-    """Each classroom experiment runs end to end at tiny sizes and writes its JSON and PNG."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_experiment_quick_run(name, tmp_path):
+    """Each classroom experiment trains end to end at tiny sizes (in a fresh folder, so no
+    cached run is reused) and writes its JSON and PNG."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXPERIMENTS_OUT": str(tmp_path)}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"), "--quick"], env=env,
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    for ext in ("json", "png"):
-        assert os.path.getsize(os.path.join(ROOT, "experiments", "out", f"{name}_quick.{ext}")) > 0
+    assert (tmp_path / f"{name}_quick.png").stat().st_size > 10_000
+    result = json.loads((tmp_path / f"{name}_quick.json").read_text())
+    if name == "gqa_uptrain":
+        assert {(row["n_kv_head"], row["method"]) for row in result["converted"]} == \
+            {(g, m) for g in (2, 1) for m in ("mean", "first", "random")}
+        kv_bytes = [row["kv_bytes_per_token"] for row in result["decode"]]  # 4, 2, 1 kv heads
+        assert kv_bytes == [kv_bytes[0], kv_bytes[0] // 2, kv_bytes[0] // 4]
+    elif name == "parallel_block":
+        assert all(math.isfinite(result[k]["val_loss"]) for k in ("serial", "parallel"))
+    elif name == "sparse_attention":
+        assert 0 < result["density_vs_causal"] < 1
+    elif name == "scaling_laws":
+        assert len(result["models"]) >= 2 and math.isfinite(result["fit"]["alpha"])
+    elif name == "visualize":
+        freqs = result["rope_inv_freq"]  # theta_i = 10000^(-2i/d): 1 radian per position, then falling
+        assert freqs[0] == 1.0 and all(a > b for a, b in zip(freqs, freqs[1:]))

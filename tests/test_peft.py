@@ -4,6 +4,7 @@ memory accounting, and --peft in train.py / --adapter in sample.py end to end.""
 
 import copy
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -350,9 +351,14 @@ def test_peft_needs_init_from():
 
 def test_finetune_experiment_quick(tmp_path):
     run = subprocess.run([sys.executable, "experiments/finetune.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=ONE_THREAD)
+                         text=True, timeout=300, env={**ONE_THREAD, "EXPERIMENTS_OUT": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert os.path.exists(os.path.join(ROOT, "experiments", "out", "finetune_quick.json"))
+    result = json.loads((tmp_path / "finetune_quick.json").read_text())
+    by_name = {r["name"]: r for r in result["runs"]}
+    assert {"full", "prefix", "qlora_r8", "lora_qv_r2", "lora_all_r2"} <= set(by_name)
+    assert by_name["full"]["val_loss"] < result["base_val_loss"]  # fine-tuning helps on the new corpus
+    assert by_name["lora_qv_r2"]["trainable"] < by_name["lora_all_r2"]["trainable"] < by_name["full"]["trainable"]
+    assert result["merge_error"]["float32"]["logits"] < 1e-4 < result["merge_error"]["nf4"]["logits"]
 
 
 def test_prepare_reuses_a_tokenizer(tmp_path):
