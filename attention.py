@@ -203,7 +203,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)  # (B, n_kv_head, S, hd): everything so far
 
         if mask is None and any(self.sparse):  # the same boolean mask for both paths
-            mask = sparse_causal_mask(T, k.shape[2], *self.sparse, device=x.device)
+            P = self.prefix.prefix_len if self.prefix is not None else 0  # every query reads the prefix
+            text = sparse_causal_mask(T, k.shape[2] - P, *self.sparse, device=x.device)  # (T, S - P)
+            mask = torch.cat([text.new_ones(T, P), text], dim=1)  # (T, S)
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "math":
             y, att = math_attention(q, k, v, mask, dropout_p)

@@ -47,14 +47,15 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / r
         w = next(iter([*base.parameters(), *base.buffers()]))  # for the device (NF4Linear has only buffers)
-        dtype = getattr(base, "compute_dtype", w.dtype)  # adapters train in the compute dtype (QLoRA)
+        # adapters train in the compute dtype (QLoRA): the layer's own floating dtype, fp32 for int8 storage
+        dtype = getattr(base, "compute_dtype", w.dtype if w.is_floating_point() else torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
         # The paper draws A from a Gaussian; loralib and HF PEFT use nn.Linear's Kaiming-uniform,
         # as we do. Either way B = 0, so training starts from exactly the base model.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
-        self._unmerged_base = ()  # (quantized base,) kept whole while merged; a tuple keeps it out of state_dict
+        self._unmerged_base = ()  # (base before merging,) while merged; a tuple keeps it out of state_dict
 
     @property
     def in_features(self):
@@ -79,14 +80,17 @@ class LoRALinear(nn.Module):
     def merge(self):
         """W = W0 + (alpha / r) B A: one matrix again, so no extra latency (section 4.1).
 
-        A plain nn.Linear merges in place (unmerge subtracts). A quantized base cannot hold
-        W0 + BA exactly: it is dequantized, updated and quantized again, which changes the
-        outputs; that error is measured on a probe batch and reported in a warning, and the
-        original base is kept so that unmerge restores it exactly.
+        A plain fp32 nn.Linear merges in place (unmerge subtracts; equal to ~1e-7). In bf16
+        or fp16 the sum is rounded, so W0 is kept to make unmerge exact. A quantized base
+        cannot hold W0 + BA exactly: it is dequantized, updated and quantized again, which
+        changes the outputs; that error is measured on a probe batch and reported in a
+        warning, and the original base is kept so that unmerge restores it exactly.
         """
         if self.merged:
             return
         if type(self.base) is nn.Linear:
+            if self.base.weight.dtype != torch.float32:
+                self._unmerged_base = (self.base.weight.detach().clone(),)
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
         else:
             probe = torch.randn(64, self.in_features, generator=torch.Generator().manual_seed(0))
@@ -104,7 +108,10 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             return
-        if self._unmerged_base:
+        if self._unmerged_base and isinstance(self._unmerged_base[0], torch.Tensor):  # a 16-bit W0
+            self.base.weight.copy_(self._unmerged_base[0])
+            self._unmerged_base = ()
+        elif self._unmerged_base:  # the quantized base
             self.base, self._unmerged_base = self._unmerged_base[0], ()
         else:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
@@ -122,8 +129,8 @@ def requantize(base, weight):
     linear.weight.data = weight
     if hasattr(base, "blocksize"):  # quant.NF4Linear
         return type(base).from_linear(linear, base.blocksize, base.double_quant, base.compute_dtype)
-    if hasattr(base, "from_linear"):
-        return type(base).from_linear(linear)
+    if hasattr(base, "quantize_activations"):  # quant.Int8Linear
+        return type(base).from_linear(linear, base.quantize_activations)
     new = type(base)(base.in_features, base.out_features, **{k: getattr(base, k) for k in ("groups", "ternary")
                                                              if hasattr(base, k)})
     new.weight.data = weight.to(base.weight.dtype)  # BitLinear: the latent weight
@@ -233,11 +240,24 @@ def load_lora(model, path):
             raise ValueError(f"{path}: {key}=true is not supported here (plain LoRA only)")
     if hf_config.get("bias", "none") != "none" or hf_config.get("rank_pattern") or hf_config.get("alpha_pattern"):
         raise ValueError(f"{path}: LoRA biases and per-layer rank/alpha patterns are not supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in hf_config:
+            raise ValueError(f"{path}/adapter_config.json has no {key!r}: not a LoRA adapter config")
+    r, alpha = hf_config["r"], hf_config["lora_alpha"]
     if not lora_layers(model):
         by_hf = {v.rpartition(".")[2]: k for k, v in ((k, HF_NAMES[v]) for k, v in TARGETS.items())}
         modules = hf_config["target_modules"]
+        modules = [modules] if isinstance(modules, str) and modules != "all-linear" else modules
         targets = "all" if modules == "all-linear" else [by_hf[m] for m in modules if m in by_hf]
-        apply_lora(model, hf_config["r"], hf_config["lora_alpha"], targets, hf_config.get("lora_dropout", 0.0))
+        if not targets:
+            raise ValueError(f"{path}: target_modules {modules} name none of this model's linear layers "
+                             f"({', '.join(sorted(by_hf))})")
+        apply_lora(model, r, alpha, targets, hf_config.get("lora_dropout", 0.0))
+    for m in lora_layers(model):  # adapters already in place: take the file's scale alpha / r
+        if m.r != r:
+            raise ValueError(f"{path}: the adapter has rank r={r} but the model's LoRA layers have r={m.r}")
+        m.alpha, m.scaling = alpha, alpha / r
+    model.peft_config = {**model.peft_config, "alpha": alpha}
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}  # some writers keep the adapter name
     for name, m in model.named_modules():
@@ -434,6 +454,8 @@ class PagedAdamW(torch.optim.Optimizer):
                     if m.data_ptr() != m_host.data_ptr():  # page out
                         m_host.copy_(m, non_blocking=True)
                         v_host.copy_(v, non_blocking=True)
+        if torch.cuda.is_available():  # the non-blocking copies to the host must land before anyone reads them
+            torch.cuda.synchronize()
         return loss
 
 

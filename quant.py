@@ -118,7 +118,7 @@ class NF4Tensor:
     """A weight in NF4: packed codes plus its block constants, single or double quantized."""
     codes: torch.Tensor  # (ceil(n / blocksize) * blocksize / 2,) uint8
     absmax: torch.Tensor | None  # (n_blocks,) fp32, without double quantization
-    qabsmax: torch.Tensor | None  # (n_blocks padded to 256,) int8, with double quantization
+    qabsmax: torch.Tensor | None  # (n_blocks,) int8, with double quantization
     absmax2: torch.Tensor | None  # (n_blocks / 256, 1) fp32: the absmax of each block of 256 constants
     offset: torch.Tensor | None  # () fp32: the mean subtracted from the constants
     shape: tuple
@@ -137,16 +137,20 @@ DQ_BLOCKSIZE = 256  # QLoRA section 3: the constants are quantized in blocks of 
 
 
 def double_quantize(absmax):
-    """QLoRA's double quantization: fp32 constants -> (int8 codes, fp32 scale per 256, mean)."""
+    """QLoRA's double quantization: fp32 constants -> (int8 codes, fp32 scale per 256, mean).
+
+    The last group of 256 may be partial: it is zero-padded while quantizing (zeros never
+    change an absmax) and only the real n_blocks int8 codes are kept."""
+    n_blocks = absmax.numel()
     offset = absmax.mean()  # the constants are all positive: centre them to use int8's sign
-    centred = F.pad(absmax - offset, (0, -absmax.numel() % DQ_BLOCKSIZE)).view(-1, DQ_BLOCKSIZE)
+    centred = F.pad(absmax - offset, (0, -n_blocks % DQ_BLOCKSIZE)).view(-1, DQ_BLOCKSIZE)
     qabsmax, absmax2 = absmax_quantize(centred, bits=8, dim=1)  # (n/256, 256), (n/256, 1)
-    return qabsmax.to(torch.int8).flatten(), absmax2, offset
+    return qabsmax.to(torch.int8).flatten()[:n_blocks], absmax2, offset
 
 
-def double_dequantize(qabsmax, absmax2, offset, n_blocks):
-    centred = absmax_dequantize(qabsmax.view(-1, DQ_BLOCKSIZE).float(), absmax2)
-    return centred.flatten()[:n_blocks] + offset
+def double_dequantize(qabsmax, absmax2, offset):
+    padded = F.pad(qabsmax.float(), (0, -qabsmax.numel() % DQ_BLOCKSIZE)).view(-1, DQ_BLOCKSIZE)
+    return absmax_dequantize(padded, absmax2).flatten()[:qabsmax.numel()] + offset
 
 
 def quantize_nf4(w, blocksize=64, double_quant=True):
@@ -165,8 +169,7 @@ def nf4_absmax(q):
     """The per-block fp32 constants of q, undoing double quantization if used."""
     if not q.double_quant:
         return q.absmax
-    n_blocks = q.codes.numel() * 2 // q.blocksize
-    return double_dequantize(q.qabsmax, q.absmax2, q.offset, n_blocks)
+    return double_dequantize(q.qabsmax, q.absmax2, q.offset)
 
 
 def dequantize_nf4(q, dtype=None):
@@ -187,7 +190,7 @@ def nf4_nbytes(numel, blocksize=64, double_quant=True):
     if not double_quant:
         return codes + 4 * n_blocks
     n_blocks2 = math.ceil(n_blocks / DQ_BLOCKSIZE)
-    return codes + n_blocks2 * DQ_BLOCKSIZE + 4 * n_blocks2 + 4  # int8 codes, fp32 scales, fp32 offset
+    return codes + n_blocks + 4 * n_blocks2 + 4  # int8 constants, fp32 scale per 256 of them, fp32 offset
 
 
 # ----------------------------------------------------------------------------- NF4Linear
@@ -208,7 +211,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("codes", torch.zeros(n_blocks * blocksize // 2, dtype=torch.uint8, device=device))
         if double_quant:
             n_blocks2 = math.ceil(n_blocks / DQ_BLOCKSIZE)
-            self.register_buffer("qabsmax", torch.zeros(n_blocks2 * DQ_BLOCKSIZE, dtype=torch.int8, device=device))
+            self.register_buffer("qabsmax", torch.zeros(n_blocks, dtype=torch.int8, device=device))
             self.register_buffer("absmax2", torch.zeros(n_blocks2, 1, device=device))
             self.register_buffer("offset", torch.zeros((), device=device))
         else:
@@ -319,7 +322,7 @@ class BitLinear(nn.Module):
             w_t = (w / (beta + 1e-5)).round().clamp(-1, 1)
         else:  # BitNet eq. 1-2: centre, then binarize (Sign(0) = -1)
             alpha = w.mean(dim=(1, 2), keepdim=True)
-            w_t = torch.where(w - alpha > 0, 1.0, -1.0)
+            w_t = torch.where(w - alpha > 0, 1.0, -1.0).to(w.dtype)
         return w_t.transpose(0, 1).reshape(self.out_features, self.in_features), beta.flatten()
 
     def forward(self, x):  # (..., in_features) -> (..., out_features)

@@ -94,6 +94,48 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_base():
     assert (model(x)[0] - y).abs().max() < 1e-5
 
 
+def test_bf16_merge_and_unmerge_restore_the_base_exactly():
+    """In bf16 W0 + BA is rounded, so unmerging by subtraction would not give W0 back."""
+    _, model = lora_model(r=4, targets="all")
+    for m in peft.lora_layers(model):
+        m.base.to(torch.bfloat16)
+    base = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
+    with torch.no_grad():
+        peft.merge_lora(model)
+        assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+        peft.unmerge_lora(model)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+
+
+def test_lora_on_an_int8_base_trains_in_fp32_and_merges_with_a_warning():
+    import quant
+    model = quant.quantize_model(Transformer(tiny_config()), "int8")
+    peft.apply_lora(model, r=2, targets="q,v")
+    layer = model.layers[0].attention.wq
+    assert layer.lora_A.dtype == torch.float32 and isinstance(layer.base, quant.Int8Linear)
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    with torch.no_grad():
+        y = model(ids())[0]
+        with pytest.warns(UserWarning, match="Int8Linear base re-quantizes"):
+            peft.merge_lora(model)
+        peft.unmerge_lora(model)
+        assert torch.equal(model(ids())[0], y)
+
+
+def test_load_lora_takes_the_files_alpha_and_checks_its_rank(tmp_path):
+    _, model = lora_model(r=2, alpha=32, targets="q,v")
+    peft.save_lora(model, tmp_path)
+    target = peft.apply_lora(Transformer(tiny_config()), r=2, alpha=4, targets="q,v")  # adapters in place, alpha 4
+    peft.load_lora(target, tmp_path)
+    assert target.layers[0].attention.wq.scaling == 16.0  # 32 / 2, from adapter_config.json
+    with pytest.raises(ValueError, match="rank r=2 but the model's LoRA layers have r=3"):
+        peft.load_lora(peft.apply_lora(Transformer(tiny_config()), r=3, targets="q,v"), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
+    with pytest.raises(ValueError, match=r"target_modules \['c_attn'\] name none of this model's linear layers"):
+        peft.load_lora(Transformer(tiny_config()), tmp_path)
+
+
 def test_save_load_round_trip_in_hf_peft_layout(tmp_path):
     from safetensors.torch import load_file
     base, model = lora_model(r=2, alpha=4, targets=("q", "k", "down"))
@@ -213,8 +255,6 @@ def test_prefix_with_kv_cache_equals_prefix_without(n_kv_head):
         steps += [model(x[:, t:t + 1], caches=caches, start_pos=t)[0] for t in range(7, 12)]
         assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5
         assert caches[0].length == 5 + 12  # the prefix entered the cache once
-        # real tokens keep positions 0..T-1: a prefix whose values are zero and keys are very
-        # negative in attention changes nothing
     k, v = model.layers[0].attention.prefix(3)
     assert k.shape == v.shape == (3, n_kv_head, 5, 16)
     with torch.no_grad():
@@ -243,6 +283,19 @@ def test_prefix_leaves_the_positions_of_real_tokens_alone():
         manual = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (1, 4, T, 16)
         expected = att.wo(manual.transpose(1, 2).reshape(1, T, 64))
     assert (y - expected).abs().max() < 1e-5
+
+
+def test_prefix_is_read_by_every_query_under_sparse_attention():
+    """With a Sparse Transformer mask the prefix stays visible: the mask covers real tokens only."""
+    model = Transformer(tiny_config(attn_impl="math", sparse_local=2, sparse_stride=0)).eval()
+    peft.apply_prefix(model, prefix_len=3, reparam_hidden=8)
+    att = model.layers[0].attention
+    att.save_weights = True
+    with torch.no_grad():
+        model(ids(1, 10))
+    weights = att.weights[0]  # (n_head, T, P + T)
+    assert (weights[:, :, :3] > 0).all()  # every query reads all three prefix slots
+    assert (weights[:, 5, 3:] > 0).sum(-1).eq(2).all()  # and its local band of two tokens (4 and 5)
 
 
 def test_save_and_load_folded_prefix(tmp_path):

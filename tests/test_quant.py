@@ -56,6 +56,12 @@ def test_nf4_round_trip_error_and_bits():
     assert quant.bits_per_param(quant.quantize_nf4(w, 64, False)) == 4.5
     # 4 + 8/64 + 32/(64*256) + the fp32 offset: 4.127, QLoRA's 0.373-bit saving
     assert abs(quant.bits_per_param(quant.quantize_nf4(w, 64, True)) - 4.12698) < 1e-5
+    # a small tensor (64 blocks, a partial group of 256) stores one int8 constant per block, not 256
+    w_small = torch.randn(64, 64)
+    small = quant.quantize_nf4(w_small, 64, True)
+    assert small.qabsmax.numel() == 64 and quant.bits_per_param(small) < 4.5
+    exact = quant.quantize_nf4(w_small, 64, False).absmax
+    assert (quant.nf4_absmax(small) - exact).abs().max() < 0.01 * exact.max()  # int8 constants, 1% of range
 
 
 def test_nf4_error_bound_per_block():
@@ -220,6 +226,8 @@ def test_bitlinear_forward_is_the_papers_formula():
     ternary = quant.BitLinear(16, 8, ternary=True)
     w_t, beta = ternary.quantized_weight()
     assert set(w_t.unique().tolist()) <= {-1.0, 0.0, 1.0} and (w_t == 0).any()
+    for kind in (layer, ternary):  # a model cast to bf16 keeps computing in bf16
+        assert kind.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_bitlinear_straight_through_gradients():
