@@ -15,6 +15,7 @@ top_p the smallest set whose probability reaches p (Holtzman et al. 2019, nucleu
 import argparse
 import os
 import sys
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -50,10 +51,38 @@ def load_model(args, device):
         if not os.path.exists(tok_path):
             raise FileNotFoundError(f"tokenizer {tok_path} not found next to the Hugging Face checkpoint")
         return Transformer.from_hf(args.hf_dir, device=device), HFTokenizer(tok_path)
-    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    model, peft_method = load_trained(args.out_dir)
+    if peft_method and args.adapter:
+        raise ValueError(f"{args.out_dir} is a --peft {peft_method} run (an adapter on its base); pass it "
+                         f"alone as --out_dir, or give its base as --out_dir and it as --adapter")
     return model.to(device), load_tokenizer(args.out_dir)
+
+
+def load_trained(out_dir):
+    """Our checkpoint -> (model, peft method or ""). A --peft run's checkpoint holds only the
+    adapter and points to its base: the base is loaded and the adapter put on it."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    method = ckpt.get("train_config", {}).get("peft", "")
+    if method:
+        base, _ = load_trained(ckpt["base"]) if os.path.exists(os.path.join(ckpt["base"], "ckpt.pt")) else \
+            (Transformer.from_hf(ckpt["base"]), "")
+        return add_adapter(base, os.path.join(out_dir, "adapter"), method), method
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{out_dir}/ckpt.pt does not match its own config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model, ""
+
+
+def add_adapter(model, path, method=""):
+    """A LoRA / prefix adapter on the model; a QLoRA adapter gets its NF4 + DQ base."""
+    import quant
+    from peft import load_adapter
+    if method == "qlora" and quant.quantization_method(model) is None:
+        print("the adapter was trained with --peft qlora: storing the base in nf4-dq as it was", file=sys.stderr)
+        quant.quantize_model(model, "nf4-dq")
+    return load_adapter(model, path)
 
 
 def read_prompt(prompt):
@@ -108,10 +137,14 @@ def main(argv=None):
             import quant
             quant.quantize_model(model, args.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else None)
         if args.adapter:
-            from peft import load_adapter
             inner = os.path.join(args.adapter, "adapter")  # a --peft training run writes out_dir/adapter
-            load_adapter(model, inner if os.path.isdir(inner) else args.adapter)
+            run = os.path.join(args.adapter, "ckpt.pt")
+            method = load_checkpoint(run).get("train_config", {}).get("peft", "") if os.path.exists(run) else ""
+            add_adapter(model, inner if os.path.isdir(inner) else args.adapter, method)
         model.eval()
+        if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:
+            raise ValueError(f"--eos_id {args.eos_id} is not a token id of this model (0 .. "
+                             f"{model.config.vocab_size - 1})")
         prompt_ids = tokenizer.encode(read_prompt(args.prompt))
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens; give some text")
@@ -128,4 +161,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source excerpt
     main()

@@ -163,6 +163,9 @@ def check_train_config(cfg):
         raise ValueError(f"--peft must be lora, prefix or qlora (or empty for full fine-tuning), got {cfg.peft!r}")
     if cfg.peft and not cfg.init_from and not cfg.resume:
         raise ValueError(f"--peft {cfg.peft} fine-tunes a pretrained model: give it with --init_from PATH")
+    if cfg.peft == "lora":
+        from peft import parse_targets
+        parse_targets(cfg.lora_targets)  # an unknown name fails now, not after loading the model
 
 
 # ----------------------------------------------------------------------------- data
@@ -495,7 +498,8 @@ def apply_peft(model, cfg):
         return peft.apply_prefix(model, cfg.prefix_len, cfg.prefix_hidden)
     if cfg.peft == "qlora":  # QLoRA section 3: NF4 + double-quantized base, LoRA on every linear layer
         import quant
-        quant.quantize_model(model, "nf4-dq")
+        compute = torch.bfloat16 if resolve_device(cfg.device).type == "cuda" else torch.float32  # section 3
+        quant.quantize_model(model, "nf4-dq", compute_dtype=compute)
     targets = "all" if cfg.peft == "qlora" else cfg.lora_targets
     return peft.apply_lora(model, cfg.lora_r, cfg.lora_alpha, targets, cfg.lora_dropout)
 

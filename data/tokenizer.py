@@ -135,7 +135,7 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise RuntimeError(f"tiktoken could not load the 'gpt2' encoding ({type(e).__name__}: {e}); it is "
+        raise ConnectionError(f"tiktoken could not load the 'gpt2' encoding ({type(e).__name__}: {e}); it is "
                            f"downloaded on first use, which needs the internet. Offline, use --tokenizer bpe "
                            f"(trained here) or --tokenizer char") from None
 
@@ -144,8 +144,9 @@ def load_tokenizer(data_dir):
     """The tokenizer a prepared dataset (or a training out_dir) was made with, from its meta.json."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: prepare the data first, e.g. "
-                                f"`python data/prepare.py --out {data_dir}`")
+        raise FileNotFoundError(f"{meta_path} not found: a prepared dataset has one (make it with "
+                                f"`python data/prepare.py --out {data_dir}`), and train.py copies it into "
+                                f"its out_dir (copy it from the dataset the model was trained on)")
     with open(meta_path) as f:
         meta = json.load(f)
     kind = meta["tokenizer"]
@@ -154,8 +155,8 @@ def load_tokenizer(data_dir):
     if kind == "bpe":
         path = os.path.join(data_dir, meta["tokenizer_file"])
         if not os.path.exists(path):
-            raise FileNotFoundError(f"BPE tokenizer file {path} not found (named in {meta_path}); "
-                                    f"re-run data/prepare.py to recreate it")
+            raise FileNotFoundError(f"BPE tokenizer file {path} not found (named in {meta_path}); copy it "
+                                    f"from the dataset directory, or re-run data/prepare.py to recreate it")
         return bpe_encoding(load_bpe(path))
     if kind == "gpt2":
         return gpt2_encoding()

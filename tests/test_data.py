@@ -98,7 +98,7 @@ def test_default_corpus_is_offline_python_documentation():
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare the data first"):
+    with pytest.raises(FileNotFoundError, match="make it with `python data/prepare.py --out"):
         load_tokenizer(str(tmp_path))
 
 

@@ -392,6 +392,22 @@ def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, 
                           "--max_new_tokens", "5", "--prompt", "def"], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("def"), run.stderr[-1000:]
+    # the run's out_dir alone is enough: its checkpoint points to the base
+    import sample
+    with_adapter, _ = sample.load_trained(straight)
+    assert isinstance(with_adapter.layers[0].attention.wq, peft.LoRALinear) if method == "lora" else \
+        with_adapter.prefix_encoder is not None
+
+
+def test_sample_puts_a_qlora_adapter_on_an_nf4_base(base_run, char_dataset, tmp_path):
+    import quant
+    import sample
+    out = str(tmp_path / "qlora")
+    run_train(["--init_from", base_run, "--peft", "qlora", "--lora_r", "2", "--out_dir", out, "--max_iters", "2",
+               "--eval_interval", "2"], char_dataset)
+    model, method = sample.load_trained(out)
+    assert method == "qlora" and quant.quantization_method(model) == "nf4-dq"
+    assert isinstance(model.layers[0].feed_forward.w2.base, quant.NF4Linear)
 
 
 def test_peft_needs_init_from():

@@ -183,6 +183,9 @@ TRAIN_ERRORS = [
     (["--n_kv_head", "3"], "n_head (4) must be divisible by n_kv_head (3)"),
     (["--n_embd", "66"], "n_embd (66) must be divisible by n_head (4)"),
     (["--dataset", "/nonexistent/set"], "is not prepared (no meta.json): run `python data/prepare.py"),
+    (["--peft", "lora", "--init_from", "/nonexistent", "--lora_targets", "q,query"],  # checked before any loading
+     "unknown LoRA targets ['query']; valid names: q, k, v, o, gate, up, down or 'all'"),
+    (["--dataset", "/nonexistent/set", "--top_k", "5"], "unknown option --top_k"),
 ]
 
 
@@ -234,6 +237,35 @@ def test_sample_bad_arguments(trained, tmp_path, capsys):
     os.remove(no_tokenizer / "meta.json")
     err = one_error_line(capsys, sample.main, ["--out_dir", str(no_tokenizer)])
     assert "meta.json not found" in err
+
+
+def test_sample_checkpoints_that_do_not_fit(trained, tmp_path, capsys):
+    """A checkpoint whose tensors do not match its config; an --eos_id outside the vocabulary;
+    --quantize on a model that is already quantized (BitNet's BitLinear)."""
+    ckpt = load_checkpoint(trained)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    train.save_checkpoint({**ckpt, "config": {**ckpt["config"], "n_layer": 3}}, str(bad / "ckpt.pt"))
+    err = one_error_line(capsys, sample.main, ["--out_dir", str(bad)])
+    assert "does not match its own config: missing ['layers.2." in err
+    err = one_error_line(capsys, sample.main, ["--out_dir", trained, "--eos_id", "100000"])
+    assert "--eos_id 100000 is not a token id of this model" in err
+    bit = tmp_path / "bit"
+    shutil.copytree(trained, bit)
+    config = ModelConfig.from_dict({**ckpt["config"], "bitlinear": True})
+    train.save_checkpoint({**ckpt, "config": config.to_dict(), "model": Transformer(config).state_dict()},
+                          str(bit / "ckpt.pt"))
+    err = one_error_line(capsys, sample.main, ["--out_dir", str(bit), "--quantize", "nf4"])
+    assert "already quantized with bitlinear" in err
+
+
+def test_sample_prompt_longer_than_the_context_is_cropped_with_a_one_line_warning(trained):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir", trained, "--prompt", "def " * 20,
+                        "--max_new_tokens", "2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "warning: prompt of 80 tokens is longer than the context block_size=32; " \
+                               "keeping its last 32 tokens"
 
 
 def test_sample_unsupported_hugging_face_architecture(tmp_path, capsys):
