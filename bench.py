@@ -2,6 +2,7 @@
 
     python bench.py                  # everything that runs on this machine (a few minutes)
     python bench.py --only train     # one section: train, decode, kv, memory, tinyllama
+    python bench.py --compile        # also torch.compile'd training and decoding
     python bench.py --quick          # tiny sizes, seconds (the CI smoke test)
 
 Timings alternate between the contenders (ours, theirs, ours, theirs, ...) inside one
@@ -115,7 +116,7 @@ def uncached_greedy(model, idx, max_new_tokens):
 
 
 @torch.no_grad()
-def bench_decode(model_args, prompt_len, new_tokens, rounds):
+def bench_decode(model_args, prompt_len, new_tokens, rounds, compile_too=False):
     torch.manual_seed(0)
     ours = Transformer(ModelConfig(**model_args)).eval()
     theirs = hf_twin(ours).eval()
@@ -128,7 +129,9 @@ def bench_decode(model_args, prompt_len, new_tokens, rounds):
                    "transformers generate": lambda: theirs.generate(
                        idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens, do_sample=False,
                        min_new_tokens=new_tokens, pad_token_id=0),
-                   "ours without cache": lambda: uncached_greedy(ours, idx, new_tokens)}, rounds)
+                   "ours without cache": lambda: uncached_greedy(ours, idx, new_tokens),
+                   **({"ours + torch.compile": compiled_decoder(ours, idx, new_tokens)} if compile_too else {})},
+                  rounds)
     print(f"greedy decoding | batch 1, prompt {prompt_len}, {new_tokens} new tokens | identical tokens: {same}")
     for who, sec in t.items():
         print(f"  {who:22s} {new_tokens / sec:8,.0f} tok/s")
@@ -137,6 +140,51 @@ def bench_decode(model_args, prompt_len, new_tokens, rounds):
           f"cache / no cache: {t['ours without cache'] / t['ours (KV cache)']:.2f}x")
     return {"tok_s": {who: new_tokens / sec for who, sec in t.items()}, "speedup_vs_transformers": ratio,
             "identical_tokens": same}
+
+
+def compiled_decoder(model, idx, new_tokens):
+    """A copy of `model` whose forward is torch.compile'd (dynamic shapes: the cache grows)."""
+    import copy
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, dynamic=True)
+    compiled.generate(idx, new_tokens, temperature=0)  # compile outside the timing
+    return lambda: compiled.generate(idx, new_tokens, temperature=0)
+
+
+def bench_roofline(model_args):
+    """Why batch-1 decoding is a memory problem: each token multiplies one vector by every
+    weight matrix, reading all of them once. Measured: the rate (GB/s) at which F.linear
+    streams weights of each shape from main memory, stored row-major (nn.Linear's
+    default) and column-major (model.store_column_major), and the tokens/s that bound
+    implies for the whole model if nothing else took any time."""
+    import torch.nn.functional as F
+    config = ModelConfig(**model_args)
+    with torch.device("meta"):
+        shapes = [tuple(m.weight.shape) for m in Transformer(config).modules() if type(m) is torch.nn.Linear]
+    rows, seconds = [], {"row-major": 0.0, "column-major": 0.0}
+    print(f"weight streaming in decoding ({sum(o * i for o, i in shapes) * 4 / 1e6:.1f} MB of fp32 weights "
+          f"read per token)")
+    for shape in sorted(set(shapes)):
+        copies = max(2, int(256e6 // (4 * shape[0] * shape[1])))  # more than any cache holds
+        row_major = [torch.randn(shape) for _ in range(copies)]
+        layouts = {"row-major": row_major, "column-major": [w.t().contiguous().t() for w in row_major]}
+        x = torch.randn(1, 1, shape[1])
+        rate = {}
+        for name, weights in layouts.items():
+            for w in weights:
+                F.linear(x, w)
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(x, w)
+            rate[name] = copies * 4 * shape[0] * shape[1] / (time.perf_counter() - t0)
+            seconds[name] += shapes.count(shape) * 4 * shape[0] * shape[1] / rate[name]
+        rows.append({"shape": shape, "count": shapes.count(shape), **{k: v / 1e9 for k, v in rate.items()}})
+        print(f"  (out, in) = {str(shape):13s} x{shapes.count(shape):3d}: row-major {rate['row-major'] / 1e9:5.1f} GB/s, "
+              f"column-major {rate['column-major'] / 1e9:5.1f} GB/s")
+    bound = {k: 1 / v for k, v in seconds.items()}
+    print(f"  bound from weight reads alone: {bound['row-major']:,.0f} tok/s row-major, "
+          f"{bound['column-major']:,.0f} tok/s column-major")
+    return {"shapes": rows, "bound_tok_s": bound}
 
 
 # ----------------------------------------------------------------------------- 3. KV cache size
@@ -236,7 +284,7 @@ def main():
                    "kv, memory, tinyllama (tinyllama needs ~20 GB RAM and is not in the default set)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time the training step under torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time training and decoding under torch.compile")
     p.add_argument("--case", help="only the training cases whose name contains this (e.g. demo)")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -257,7 +305,11 @@ def main():
     if "train" in sections:
         report["train"] = bench_train(QUICK_CASE if args.quick else TRAIN_CASES, rounds, peak, args.compile, args.case)
     if "decode" in sections:
-        report["decode"] = bench_decode(demo, 16, 16 if args.quick else 128, rounds)
+        report["decode"] = bench_decode(demo, 16, 16 if args.quick else 128, rounds, args.compile)
+        report["roofline"] = bench_roofline(demo)
+        achieved = report["decode"]["tok_s"]["ours (KV cache)"]
+        print(f"  ours reaches {achieved / report['roofline']['bound_tok_s']['column-major']:.0%} of its weight-read "
+              f"bound; 2x transformers would need {2 * report['decode']['tok_s']['transformers generate']:,.0f} tok/s")
     if "kv" in sections:
         report["kv"] = bench_kv(["debug"] if args.quick else ["demo", "tinyllama_1b"])
     if "memory" in sections:

@@ -423,6 +423,8 @@ def wrap_model(model, cfg, world, device):
     and optimizer state across processes (one shard group per Block)."""
     if world > 1 and cfg.dist == "fsdp":
         from torch.distributed.fsdp import fully_shard
+        for p in model.parameters():  # FSDP shards contiguous (row-major) parameters only
+            p.data = p.data.contiguous()
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)

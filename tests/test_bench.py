@@ -32,6 +32,9 @@ def test_bench_quick_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.load(open(tmp_path / "bench.json"))
     assert report["decode"]["identical_tokens"]  # the same greedy tokens as transformers
+    shapes = {tuple(row["shape"]): row["count"] for row in report["roofline"]["shapes"]}
+    assert shapes == {(64, 64): 4, (32, 64): 4, (256, 64): 4, (64, 256): 2, (128, 64): 1}  # debug: 2 layers + head
+    assert all(row["row-major"] > 0 and row["column-major"] > 0 for row in report["roofline"]["shapes"])
     assert report["train"][0]["speedup_vs_transformers"] > 0
     assert [row["n_kv_head"] for row in report["kv"]] == [4, 2, 1]
     assert [row["bytes_per_token"] for row in report["kv"]] == [2 * 2 * n * 16 * 4 for n in (4, 2, 1)]
