@@ -42,10 +42,13 @@ def decode_speed(model, new_tokens):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--uptrain_frac", type=float, default=0.05, help="uptraining steps as a fraction of pretraining "
+                   "(the paper's 5%%); other values write gqa_uptrain_<frac>.{json,png}")
     args = p.parse_args()
     s = sizes(args.quick)
+    suffix = "" if args.uptrain_frac == 0.05 else f"_{args.uptrain_frac:g}"  # keeps the 5% runs apart
     root = os.path.join(OUT, "gqa_uptrain" + ("_quick" if args.quick else ""))
-    up_iters = max(s["iters"] // 20, 1)  # 5% of pretraining, as in the paper
+    up_iters = max(round(s["iters"] * args.uptrain_frac), 1)
     mha_dir = os.path.join(root, "mha")
     mha, _ = run(mha_dir, s)
     results = {"mha": {"val_loss": mha["val_loss"][-1]}, "uptrain_iters": up_iters, "pretrain_iters": s["iters"],
@@ -54,7 +57,7 @@ def main():
     kv_options = [g for g in (s["n_head"] // 2, 2, 1) if g < s["n_head"]]
     for n_kv in sorted(set(kv_options), reverse=True):
         for method in ("mean", "first", "random"):
-            h, sec = run(os.path.join(root, f"kv{n_kv}_{method}"), s, "--init_from", mha_dir, "--n_kv_head", n_kv,
+            h, sec = run(os.path.join(root, f"kv{n_kv}_{method}{suffix}"), s, "--init_from", mha_dir, "--n_kv_head", n_kv,
                          "--kv_init", method, "--learning_rate", "1e-3", "--warmup_iters", max(up_iters // 10, 1),
                          iters=up_iters)
             row = {"n_kv_head": n_kv, "method": method, "before": h["val_loss"][0], "after": h["val_loss"][-1],
@@ -66,8 +69,9 @@ def main():
         results["scratch"].append({"n_kv_head": n_kv, "val_loss": h["val_loss"][-1], "seconds": sec})
         print(f"GQA-{n_kv} from scratch ({s['iters']} steps): val loss {h['val_loss'][-1]:.4f}")
     new_tokens = 16 if args.quick else 200
-    for n_kv, out_dir in [(s["n_head"], mha_dir)] + [(r["n_kv_head"], os.path.join(root, f"kv{r['n_kv_head']}_mean"))
-                                                     for r in results["converted"] if r["method"] == "mean"]:
+    mean_dirs = [(r["n_kv_head"], os.path.join(root, f"kv{r['n_kv_head']}_mean{suffix}"))
+                 for r in results["converted"] if r["method"] == "mean"]
+    for n_kv, out_dir in [(s["n_head"], mha_dir)] + mean_dirs:
         model = load(out_dir)
         caches = model.new_kv_caches(1)
         row = {"n_kv_head": n_kv, "kv_bytes_per_token": sum(c.nbytes for c in caches) // model.config.block_size,
@@ -90,7 +94,8 @@ def main():
     ax1.axhline(results["mha"]["val_loss"], color="gray", label="MHA (the starting point)")
     ax1.set_xscale("log", base=2)
     ax1.minorticks_off()
-    ax1.set(xlabel="n_kv_head", ylabel="validation loss", title="MHA -> GQA: pool heads, uptrain 5%")
+    ax1.set(xlabel="n_kv_head", ylabel="validation loss",
+            title=f"MHA -> GQA: pool heads, uptrain {args.uptrain_frac:.0%}")
     ax1.set_xticks([r["n_kv_head"] for r in results["decode"]], [str(r["n_kv_head"]) for r in results["decode"]])
     ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     d = results["decode"]
@@ -99,7 +104,7 @@ def main():
     ax3 = ax2.twinx()
     ax3.plot([str(r["n_kv_head"]) for r in d], [r["decode_tok_s"] for r in d], "ko-")
     ax3.set_ylabel("greedy decoding tokens/s")
-    write("gqa_uptrain", args.quick, results, fig)
+    write("gqa_uptrain" + suffix, args.quick, results, fig)
 
 
 if __name__ == "__main__":
