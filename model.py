@@ -577,6 +577,7 @@ def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
     if leftover:
         raise ValueError(f"{path}: unexpected tensors not in a Llama model: {leftover[:5]}")
     model.load_state_dict(ours, assign=True, strict=not config.tie_embeddings)
+    del ours  # the model holds the tensors now: the relayout below then needs one matrix of extra memory, not all
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope()

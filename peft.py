@@ -47,15 +47,16 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / r
         w = next(iter([*base.parameters(), *base.buffers()]))  # for the device (NF4Linear has only buffers)
-        # adapters train in the compute dtype (QLoRA): the layer's own floating dtype, fp32 for int8 storage
-        dtype = getattr(base, "compute_dtype", w.dtype if w.is_floating_point() else torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
+        # A and B stay fp32 whatever the base stores (NF4, int8, bf16): their updates are small and
+        # would round away in 16 bits; forward casts to the base's compute dtype (as HF PEFT does)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device))
         # The paper draws A from a Gaussian; loralib and HF PEFT use nn.Linear's Kaiming-uniform,
         # as we do. Either way B = 0, so training starts from exactly the base model.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
-        self._unmerged_base = ()  # (base before merging,) while merged; a tuple keeps it out of state_dict
+        self._w0 = None  # a 16-bit base's weight before merging, for an exact unmerge
+        self._quantized_base = ()  # (the quantized base before merging,): a tuple keeps it out of state_dict
 
     @property
     def in_features(self):
@@ -90,16 +91,16 @@ class LoRALinear(nn.Module):
             return
         if type(self.base) is nn.Linear:
             if self.base.weight.dtype != torch.float32:
-                self._unmerged_base = (self.base.weight.detach().clone(),)
+                self._w0 = self.base.weight.detach().clone()
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
         else:
             probe = torch.randn(64, self.in_features, generator=torch.Generator().manual_seed(0))
             probe = probe.to(self.lora_A.device, self.lora_A.dtype)
             before = self.forward(probe)  # base + adapter, unmerged
-            self._unmerged_base = (self.base,)
+            self._quantized_base = (self.base,)
             self.base = requantize(self.base, base_weight(self.base).float() + self.delta_weight().float())
             error = (self.base(probe).float() - before.float()).abs().mean() / before.float().abs().mean()
-            warnings.warn(f"merging LoRA into a {type(self._unmerged_base[0]).__name__} base re-quantizes its weight: "
+            warnings.warn(f"merging LoRA into a {type(self._quantized_base[0]).__name__} base re-quantizes its weight: "
                           f"mean relative output error {error.item():.2e} on a probe batch; keep the adapter "
                           f"unmerged for exact outputs", stacklevel=3)
         self.merged = True
@@ -108,11 +109,11 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             return
-        if self._unmerged_base and isinstance(self._unmerged_base[0], torch.Tensor):  # a 16-bit W0
-            self.base.weight.copy_(self._unmerged_base[0])
-            self._unmerged_base = ()
-        elif self._unmerged_base:  # the quantized base
-            self.base, self._unmerged_base = self._unmerged_base[0], ()
+        if self._w0 is not None:
+            self.base.weight.copy_(self._w0)
+            self._w0 = None
+        elif self._quantized_base:
+            self.base, self._quantized_base = self._quantized_base[0], ()
         else:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
         self.merged = False
@@ -228,10 +229,8 @@ def save_lora(model, path, base_path=""):
     write_json(hf_config, os.path.join(path, "adapter_config.json"))
 
 
-def load_lora(model, path):
-    """Load an HF PEFT LoRA adapter (ours or trained elsewhere); applies LoRA first if needed."""
-    from safetensors.torch import load_file
-
+def read_lora_config(path):
+    """adapter_config.json of an HF PEFT LoRA adapter, refusing what plain LoRA here cannot load."""
     hf_config = read_json(os.path.join(path, "adapter_config.json"))
     if hf_config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {hf_config.get('peft_type')!r} is not a LoRA adapter")
@@ -243,36 +242,58 @@ def load_lora(model, path):
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in hf_config:
             raise ValueError(f"{path}/adapter_config.json has no {key!r}: not a LoRA adapter config")
+    return hf_config
+
+
+def targets_from_hf(modules, path):
+    """HF target_modules (["q_proj", "v_proj"] or "all-linear") -> our short target names."""
+    if modules == "all-linear":
+        return "all"
+    by_hf = {HF_NAMES[v].rpartition(".")[2]: k for k, v in TARGETS.items()}  # "q_proj" -> "q"
+    modules = [modules] if isinstance(modules, str) else modules
+    targets = [by_hf[m] for m in modules if m in by_hf]
+    if not targets:
+        raise ValueError(f"{path}: target_modules {modules} name none of this model's linear layers "
+                         f"({', '.join(sorted(by_hf))})")
+    return targets
+
+
+def load_lora(model, path):
+    """Load an HF PEFT LoRA adapter (ours or trained elsewhere); applies LoRA first if needed.
+    Every tensor is checked before anything in the model changes."""
+    from safetensors.torch import load_file
+
+    hf_config = read_lora_config(path)
     r, alpha = hf_config["r"], hf_config["lora_alpha"]
     if not lora_layers(model):
-        by_hf = {v.rpartition(".")[2]: k for k, v in ((k, HF_NAMES[v]) for k, v in TARGETS.items())}
-        modules = hf_config["target_modules"]
-        modules = [modules] if isinstance(modules, str) and modules != "all-linear" else modules
-        targets = "all" if modules == "all-linear" else [by_hf[m] for m in modules if m in by_hf]
-        if not targets:
-            raise ValueError(f"{path}: target_modules {modules} name none of this model's linear layers "
-                             f"({', '.join(sorted(by_hf))})")
-        apply_lora(model, r, alpha, targets, hf_config.get("lora_dropout", 0.0))
-    for m in lora_layers(model):  # adapters already in place: take the file's scale alpha / r
-        if m.r != r:
-            raise ValueError(f"{path}: the adapter has rank r={r} but the model's LoRA layers have r={m.r}")
-        m.alpha, m.scaling = alpha, alpha / r
-    model.peft_config = {**model.peft_config, "alpha": alpha}
+        apply_lora(model, r, alpha, targets_from_hf(hf_config["target_modules"], path),
+                   hf_config.get("lora_dropout", 0.0))
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}  # some writers keep the adapter name
+    updates = []  # (parameter, tensor), copied once all of them are known to fit
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            for which in ("lora_A", "lora_B"):
-                key = hf_lora_name(f"{name}.{which}")
-                if key not in tensors:
-                    raise ValueError(f"{path}: adapter tensor {key} is missing")
-                t = tensors.pop(key)
-                if t.shape != getattr(m, which).shape:
-                    raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
-                                     f"{tuple(getattr(m, which).shape)}: was it trained on another base?")
-                getattr(m, which).data.copy_(t)
+        if not isinstance(m, LoRALinear):
+            continue
+        if m.merged or m.r != r:
+            raise ValueError(f"{path}: cannot load into {name}: " + ("it is merged; unmerge_lora first" if m.merged
+                             else f"the adapter has rank r={r} but the model's LoRA layers have r={m.r}"))
+        for which in ("lora_A", "lora_B"):
+            key = hf_lora_name(f"{name}.{which}")
+            if key not in tensors:
+                raise ValueError(f"{path}: adapter tensor {key} is missing")
+            t = tensors.pop(key)
+            if t.shape != getattr(m, which).shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
+                                 f"{tuple(getattr(m, which).shape)}: was it trained on another base?")
+            updates.append((getattr(m, which), t))
     if tensors:
         raise ValueError(f"{path}: adapter tensors for modules this model has no LoRA on: {sorted(tensors)[:3]}")
+    with torch.no_grad():
+        for param, t in updates:
+            param.copy_(t)
+    for m in lora_layers(model):  # the file's scale alpha / r
+        m.alpha, m.scaling = alpha, alpha / r
+    model.peft_config = {**model.peft_config, "alpha": alpha}
     return model
 
 
@@ -418,11 +439,11 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def host_state(self, p):
         state = self.state[p]
-        if not state:
+        if not state:  # laid out like p (row- or column-major), so the pages line up element for element
             pin = p.device.type == "cuda"
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
+            state["exp_avg"] = torch.empty_like(p, device="cpu", pin_memory=pin).zero_()
+            state["exp_avg_sq"] = torch.empty_like(p, device="cpu", pin_memory=pin).zero_()
         for key in ("exp_avg", "exp_avg_sq"):  # load_state_dict puts state on the param's device
             if state[key].device.type != "cpu":
                 state[key] = state[key].cpu()
@@ -432,6 +453,7 @@ class PagedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        on_cuda = False
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -442,9 +464,10 @@ class PagedAdamW(torch.optim.Optimizer):
                 t = state["step"].item()
                 bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
                 p.mul_(1 - lr * wd)  # decoupled weight decay
-                pages = zip(p.view(-1).split(self.page_numel), p.grad.view(-1).split(self.page_numel),
-                            state["exp_avg"].view(-1).split(self.page_numel),
-                            state["exp_avg_sq"].view(-1).split(self.page_numel))
+                grad = p.grad if p.grad.stride() == p.stride() else torch.empty_like(p).copy_(p.grad)
+                on_cuda |= p.device.type == "cuda"
+                pages = zip(*(memory_order(t).split(self.page_numel)
+                              for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])))
                 for w, g, m_host, v_host in pages:
                     m, v = m_host.to(p.device, non_blocking=True), v_host.to(p.device, non_blocking=True)  # page in
                     m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
@@ -454,9 +477,14 @@ class PagedAdamW(torch.optim.Optimizer):
                     if m.data_ptr() != m_host.data_ptr():  # page out
                         m_host.copy_(m, non_blocking=True)
                         v_host.copy_(v, non_blocking=True)
-        if torch.cuda.is_available():  # the non-blocking copies to the host must land before anyone reads them
+        if on_cuda:  # the non-blocking copies to the host must land before anyone reads them
             torch.cuda.synchronize()
         return loss
+
+
+def memory_order(t):
+    """A 1-D view of a dense tensor's elements in the order they lie in memory (for paging)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 # ----------------------------------------------------------------------------- memory accounting

@@ -45,6 +45,7 @@ def test_load_hf_checkpoint_gives_the_same_logits(variant, tmp_path):
     assert diff < 1e-4
     assert ours.config.rope_theta == VARIANTS[variant][2]
     assert ours.config.tie_embeddings == VARIANTS[variant][1]
+    assert not ours.layers[0].attention.wq.weight.is_contiguous()  # relaid column-major after loading
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -81,6 +81,22 @@ def test_initial_loss_is_log_vocab_and_residual_projections_are_scaled():
     assert abs(model.layers[0].attention.wq.weight.std().item() - 0.02) < 0.002
 
 
+def test_linear_weights_are_stored_column_major_with_the_same_values(tmp_path):
+    model = Transformer(tiny_config())
+    wq = model.layers[0].attention.wq.weight  # (out, in) = (64, 64)
+    assert wq.shape == (64, 64) and wq.stride() == (1, 64)  # columns contiguous
+    assert model.layers[0].feed_forward.w2.weight.stride() == (1, 64)
+    assert model.layers[0].attention.wq.weight.to(torch.bfloat16).stride() == (1, 64)  # .to() keeps the layout
+    state = model.state_dict()
+    fresh = Transformer(tiny_config())
+    fresh.load_state_dict(state)  # copies values into fresh's own (column-major) parameters
+    assert fresh.layers[0].attention.wq.weight.stride() == (1, 64)
+    x = torch.randint(0, 97, (2, 8))
+    assert torch.equal(fresh(x)[0], model(x)[0])
+    tied = Transformer(tiny_config(tie_embeddings=True))
+    assert tied.output.weight.is_contiguous()  # the embedding's rows are looked up: it stays row-major
+
+
 def test_tied_embeddings_share_one_tensor():
     model = Transformer(tiny_config(tie_embeddings=True))
     assert model.output.weight is model.tok_embeddings.weight

@@ -315,15 +315,17 @@ def test_save_and_load_folded_prefix(tmp_path):
 # ----------------------------------------------------------------------------- paged AdamW
 def test_paged_adamw_equals_adamw():
     torch.manual_seed(0)
-    params = [torch.randn(37, 11), torch.randn(5)]
-    mine = [p.clone().requires_grad_() for p in params]
+    # a row-major matrix, a vector, and a column-major matrix (model.store_column_major) with row-major grads
+    params = [torch.randn(37, 11), torch.randn(5), torch.randn(11, 13).t()]
+    mine = [p.clone().requires_grad_() for p in params]  # clone keeps the strides
     ref = [p.clone().requires_grad_() for p in params]
+    assert not mine[2].is_contiguous()
     opt = peft.PagedAdamW([{"params": mine[:1], "weight_decay": 0.1}, {"params": mine[1:], "weight_decay": 0.0}],
-                          lr=1e-2, betas=(0.9, 0.95), page_numel=64)  # 407 elements: 7 pages
+                          lr=1e-2, betas=(0.9, 0.95), page_numel=64)  # 407 + 5 + 143 elements: 7 + 1 + 3 pages
     ref_opt = torch.optim.AdamW([{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}],
                                 lr=1e-2, betas=(0.9, 0.95), foreach=False)
     for step in range(20):
-        g = [torch.randn_like(p) for p in params]
+        g = [torch.randn(p.shape) for p in params]
         for p, q, gi in zip(mine, ref, g):
             p.grad, q.grad = gi.clone(), gi.clone()
         opt.step()
