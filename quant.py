@@ -377,6 +377,12 @@ def quantization_method(model):
 METHODS = ("nf4", "nf4-dq", "int8")
 
 
+def compute_dtype(device):
+    """The dtype a quantized layer computes in (QLoRA section 3): bf16 on a GPU; fp32 on a
+    CPU, where bf16 matmuls are hundreds of times slower without bf16 units."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def quantize_model(model, method, compute_dtype=None, blocksize=64):
     """Replace the linear layers inside model.layers (the blocks) in place; the embedding,
     norms and LM head stay in high precision (QLoRA and BitNet both keep them). Returns model."""

@@ -22,7 +22,7 @@ import torch
 
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer
-from train import load_checkpoint, resolve_device
+from train import TrainConfig, build_model, load_checkpoint, resolve_device
 
 
 class HFTokenizer:
@@ -51,28 +51,33 @@ def load_model(args, device):
         if not os.path.exists(tok_path):
             raise FileNotFoundError(f"tokenizer {tok_path} not found next to the Hugging Face checkpoint")
         return Transformer.from_hf(args.hf_dir, device=device), HFTokenizer(tok_path)
-    model, peft_method = load_trained(args.out_dir)
-    if peft_method and args.adapter:
-        raise ValueError(f"{args.out_dir} is a --peft {peft_method} run (an adapter on its base); pass it "
-                         f"alone as --out_dir, or give its base as --out_dir and it as --adapter")
-    return model.to(device), load_tokenizer(args.out_dir)
+    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+    method = peft_method(ckpt)
+    if method and args.adapter:
+        raise ValueError(f"{args.out_dir} is a --peft {method} run (an adapter on its base); pass it alone as "
+                         f"--out_dir, or give its base as --out_dir and it as --adapter")
+    return model_from_checkpoint(ckpt, args.out_dir).to(device), load_tokenizer(args.out_dir)
 
 
-def load_trained(out_dir):
-    """Our checkpoint -> (model, peft method or ""). A --peft run's checkpoint holds only the
-    adapter and points to its base: the base is loaded and the adapter put on it."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    method = ckpt.get("train_config", {}).get("peft", "")
-    if method:
-        base, _ = load_trained(ckpt["base"]) if os.path.exists(os.path.join(ckpt["base"], "ckpt.pt")) else \
-            (Transformer.from_hf(ckpt["base"]), "")
-        return add_adapter(base, os.path.join(out_dir, "adapter"), method), method
+def peft_method(ckpt):
+    return ckpt.get("train_config", {}).get("peft", "")
+
+
+def model_from_checkpoint(ckpt, out_dir):
+    """The model a train.py checkpoint holds. A --peft run saved only its adapter and a
+    pointer to the base: the run's model is rebuilt as train.py --resume does (base, any
+    GQA conversion, quantization, adapters), then the adapter's tensors are loaded."""
+    if peft_method(ckpt):
+        config = ckpt["config"]
+        model = build_model(TrainConfig(**ckpt["train_config"]), config, {"vocab_size": config["vocab_size"]}, ckpt)
+        model.load_state_dict({**model.state_dict(), **ckpt["model"]})
+        return model
     model = Transformer(ModelConfig.from_dict(ckpt["config"]))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{out_dir}/ckpt.pt does not match its own config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    return model, ""
+    return model
 
 
 def add_adapter(model, path, method=""):
@@ -81,7 +86,7 @@ def add_adapter(model, path, method=""):
     from peft import load_adapter
     if method == "qlora" and quant.quantization_method(model) is None:
         print("the adapter was trained with --peft qlora: storing the base in nf4-dq as it was", file=sys.stderr)
-        quant.quantize_model(model, "nf4-dq")
+        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(model.tok_embeddings.weight.device))
     return load_adapter(model, path)
 
 
@@ -135,11 +140,11 @@ def main(argv=None):
         model, tokenizer = load_model(args, device)
         if args.quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
             import quant
-            quant.quantize_model(model, args.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else None)
+            quant.quantize_model(model, args.quantize, compute_dtype=quant.compute_dtype(device))
         if args.adapter:
             inner = os.path.join(args.adapter, "adapter")  # a --peft training run writes out_dir/adapter
             run = os.path.join(args.adapter, "ckpt.pt")
-            method = load_checkpoint(run).get("train_config", {}).get("peft", "") if os.path.exists(run) else ""
+            method = peft_method(load_checkpoint(run)) if os.path.exists(run) else ""
             add_adapter(model, inner if os.path.isdir(inner) else args.adapter, method)
         model.eval()
         if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:

@@ -500,8 +500,7 @@ def apply_peft(model, cfg):
         return peft.apply_prefix(model, cfg.prefix_len, cfg.prefix_hidden)
     if cfg.peft == "qlora":  # QLoRA section 3: NF4 + double-quantized base, LoRA on every linear layer
         import quant
-        compute = torch.bfloat16 if resolve_device(cfg.device).type == "cuda" else torch.float32  # section 3
-        quant.quantize_model(model, "nf4-dq", compute_dtype=compute)
+        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(resolve_device(cfg.device)))
     targets = "all" if cfg.peft == "qlora" else cfg.lora_targets
     return peft.apply_lora(model, cfg.lora_r, cfg.lora_alpha, targets, cfg.lora_dropout)
 

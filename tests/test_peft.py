@@ -396,7 +396,7 @@ def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, 
     assert run.returncode == 0 and run.stdout.startswith("def"), run.stderr[-1000:]
     # the run's out_dir alone is enough: its checkpoint points to the base
     import sample
-    with_adapter, _ = sample.load_trained(straight)
+    with_adapter = sample.model_from_checkpoint(load_checkpoint(straight), straight)
     assert isinstance(with_adapter.layers[0].attention.wq, peft.LoRALinear) if method == "lora" else \
         with_adapter.prefix_encoder is not None
 
@@ -404,12 +404,26 @@ def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, 
 def test_sample_puts_a_qlora_adapter_on_an_nf4_base(base_run, char_dataset, tmp_path):
     import quant
     import sample
+    from train import load_checkpoint
     out = str(tmp_path / "qlora")
     run_train(["--init_from", base_run, "--peft", "qlora", "--lora_r", "2", "--out_dir", out, "--max_iters", "2",
                "--eval_interval", "2"], char_dataset)
-    model, method = sample.load_trained(out)
-    assert method == "qlora" and quant.quantization_method(model) == "nf4-dq"
+    ckpt = load_checkpoint(out)
+    model = sample.model_from_checkpoint(ckpt, out)
+    assert sample.peft_method(ckpt) == "qlora" and quant.quantization_method(model) == "nf4-dq"
     assert isinstance(model.layers[0].feed_forward.w2.base, quant.NF4Linear)
+
+
+def test_a_peft_run_on_an_uptrained_gqa_model_samples_as_it_trained(base_run, char_dataset, tmp_path):
+    """LoRA on a base converted from 2 kv heads to 1 (--kv_init mean): the adapter fits the
+    converted model, which sample.py rebuilds from the base as --resume does."""
+    import sample
+    from train import load_checkpoint
+    out = str(tmp_path / "mqa_lora")
+    run_train(["--init_from", base_run, "--peft", "lora", "--lora_targets", "k,v", "--n_kv_head", "1",
+               "--kv_init", "mean", "--out_dir", out, "--max_iters", "2", "--eval_interval", "2"], char_dataset)
+    model = sample.model_from_checkpoint(load_checkpoint(out), out)
+    assert model.config.n_kv_head == 1 and model.layers[0].attention.wk.lora_B.shape == (8, 8)
 
 
 def test_peft_needs_init_from():
