@@ -185,7 +185,8 @@ class CausalSelfAttention(nn.Module):
         self.save_weights = False  # set True to keep the last attention weights (math path)
         self.weights = None
         # Prefix-tuning hook (peft.apply_prefix sets it): a callable B -> (k, v), each
-        # (B, n_kv_head, P, hd), keys/values every query can read, placed left of the text.
+        # (B, n_kv_head, P, hd), keys/values every query can read, placed left of the text;
+        # its prefix_len attribute is P.
         self.prefix = None
 
     def forward(self, x, cos, sin, cache=None, mask=None):

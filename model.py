@@ -198,8 +198,13 @@ def store_column_major(model):
     tied = model.tok_embeddings.weight
     for m in model.modules():
         if type(m) is nn.Linear and m.weight is not tied and m.weight.is_contiguous():
-            m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), m.weight.requires_grad)
+            m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
     return model
+
+
+def column_major(w):
+    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
+    return w.t().contiguous().t()
 
 
 class Transformer(nn.Module):

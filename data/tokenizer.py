@@ -136,8 +136,8 @@ def gpt2_encoding():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         raise ConnectionError(f"tiktoken could not load the 'gpt2' encoding ({type(e).__name__}: {e}); it is "
-                           f"downloaded on first use, which needs the internet. Offline, use --tokenizer bpe "
-                           f"(trained here) or --tokenizer char") from None
+                              f"downloaded on first use, which needs the internet. Offline, use --tokenizer bpe "
+                              f"(trained here) or --tokenizer char") from None
 
 
 def load_tokenizer(data_dir):

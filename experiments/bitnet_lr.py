@@ -25,9 +25,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import OUT, save_figure  # noqa: E402
 import torch  # noqa: E402
 
+from common import OUT, save_figure  # noqa: E402
 import quant  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from train import TrainConfig, load_checkpoint, load_dataset, train  # noqa: E402

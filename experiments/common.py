@@ -4,7 +4,6 @@ corpus, trained through train.py itself, and the JSON/PNG outputs."""
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,22 +39,22 @@ def run(out_dir, s, *args, iters=None, eval_every=None):
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt):
         done = train.load_checkpoint(ckpt)
-        same = ({**done["train_config"], "resume": False} == asdict(cfg)
-                and all(done["config"].get(k) == v for k, v in model_args.items()))
-        if same and done["iter_num"] == iters and "seconds" in done["history"]:
-            return done["history"], done["history"]["seconds"]
-        if same:
+        if same_settings(done, cfg, model_args):
+            if done["iter_num"] == iters:
+                return done["history"], done["history"]["step_seconds"]
             cfg = replace(cfg, resume=True)
         else:
+            print(f"{out_dir} was trained with other settings: training it again")
             os.remove(ckpt)
-    t0 = time.perf_counter()
     history = train.train(cfg, model_args, explicit)
-    seconds = time.perf_counter() - t0
-    history["seconds"] = seconds
-    ckpt_data = train.load_checkpoint(ckpt)
-    ckpt_data["history"] = history
-    train.save_checkpoint(ckpt_data, ckpt)  # remember the wall time with the run
-    return history, seconds
+    return history, history["step_seconds"]  # training time over all sessions, evaluations excluded
+
+
+def same_settings(ckpt, cfg, model_args):
+    """Whether a cached run was made with these settings (paths aside: the folder may have moved)."""
+    paths = {"out_dir": "", "init_from": "", "resume": False}
+    return ({**ckpt["train_config"], **paths} == {**asdict(cfg), **paths}
+            and all(ckpt["config"].get(k) == v for k, v in model_args.items()))
 
 
 def write(name, quick, results, fig):

@@ -24,9 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import OUT, save_figure  # noqa: E402
 import torch  # noqa: E402
 
+from common import OUT, save_figure  # noqa: E402
 import peft  # noqa: E402
 import train  # noqa: E402
 from data.prepare import prepare  # noqa: E402
@@ -229,7 +229,7 @@ def plot(rows, base_val, memory, path):
     bx.set_ylabel("GiB (weights, gradients, AdamW state; no activations)")
     bx.set_title("TinyLlama-1.1B fine-tuning memory, from shapes", fontsize=10)
     bx.legend(fontsize=8)
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path)
 
 
 def main():

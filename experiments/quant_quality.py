@@ -23,9 +23,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import OUT, save_figure  # noqa: E402
 import torch  # noqa: E402
 
+from common import OUT, save_figure  # noqa: E402
 import quant  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from train import TrainConfig, draw_offsets, get_batch, load_checkpoint, load_dataset, train  # noqa: E402
@@ -128,7 +128,7 @@ def plot(errors_normal, errors_trained, table, path):
     axes[2].set_ylabel("validation perplexity (labels: val loss)")
     axes[2].set_title("trained model, blocks' linears quantized")
     axes[2].tick_params(axis="x", rotation=30)
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path)
 
 
 def main():

@@ -34,7 +34,10 @@ def test_bench_quick_runs(tmp_path):
     assert report["decode"]["identical_tokens"]  # the same greedy tokens as transformers
     shapes = {tuple(row["shape"]): row["count"] for row in report["roofline"]["shapes"]}
     assert shapes == {(64, 64): 4, (32, 64): 4, (256, 64): 4, (64, 256): 2, (128, 64): 1}  # debug: 2 layers + head
-    assert all(row["row-major"] > 0 and row["column-major"] > 0 for row in report["roofline"]["shapes"])
+    for layout, bound in report["roofline"]["bound_tok_s"].items():  # 1 / (sum of bytes / rate over the weights)
+        per_token = sum(row["count"] * 4 * row["shape"][0] * row["shape"][1] / (row[layout] * 1e9)
+                        for row in report["roofline"]["shapes"])
+        assert bound == pytest.approx(1 / per_token, rel=1e-9)
     assert report["train"][0]["speedup_vs_transformers"] > 0
     assert [row["n_kv_head"] for row in report["kv"]] == [4, 2, 1]
     assert [row["bytes_per_token"] for row in report["kv"]] == [2 * 2 * n * 16 * 4 for n in (4, 2, 1)]
