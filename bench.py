@@ -221,11 +221,13 @@ def peak_rss_of(args):
 
 def child(args):
     """Two optimizer steps in a fresh process; peak RSS above the process's RSS before the model."""
-    import resource
-
     def rss():  # current resident set size, bytes (Linux)
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak_rss():  # this process image's high-water mark. Not getrusage's ru_maxrss: Linux carries
+        with open("/proc/self/status") as f:  # that across fork + exec, so it would include the parent's
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
     # warm up torch's own one-time allocations (kernels, thread pools) on a tiny model first
     warm = Transformer(ModelConfig.from_name("debug"))
@@ -244,8 +246,7 @@ def child(args):
     t1 = time.perf_counter()
     train_step(model, optimizer, x, x, False)  # ...the second is a steady-state step
     t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    print(json.dumps({"peak_bytes": peak - before, "init_s": t_init, "step_s": t2 - t1}))
+    print(json.dumps({"peak_bytes": peak_rss() - before, "init_s": t_init, "step_s": t2 - t1}))
 
 
 def qlora_model(config, r=8):
