@@ -193,6 +193,27 @@ def nf4_nbytes(numel, blocksize=64, double_quant=True):
     return codes + n_blocks + 4 * n_blocks2 + 4  # int8 constants, fp32 scale per 256 of them, fp32 offset
 
 
+# ----------------------------------------------------------------------------- frozen quantized matmul
+class DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T for a frozen quantized layer, W dequantized in the forward pass and again in
+    the backward pass (dx = dy W), so the full-precision W never stays alive in between.
+
+    Plain F.linear(x, layer.dequantize()) would make autograd keep every layer's
+    dequantized weight until the backward pass: for TinyLlama that is 3.9 GB of fp32
+    weights, more than the NF4 model itself. bitsandbytes' 4-bit matmul does the same
+    recomputation. W is frozen (a LoRA adapter next to it trains), so it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):  # (..., out) -> (..., in)
+        return grad_y @ ctx.layer.dequantize().to(grad_y.dtype), None
+
+
 # ----------------------------------------------------------------------------- NF4Linear
 class NF4Linear(nn.Module):
     """A frozen nn.Linear stored in NF4 (QLoRA section 3): storage NF4, compute in
@@ -240,7 +261,7 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.nf4_tensor(), self.compute_dtype)
 
     def forward(self, x):  # (..., in_features) -> (..., out_features)
-        return F.linear(x.to(self.compute_dtype), self.dequantize())
+        return DequantizedMatmul.apply(x.to(self.compute_dtype), self)
 
     def extra_repr(self):
         dq = ", double_quant" if self.double_quant else ""
@@ -276,7 +297,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):  # (..., in_features) -> (..., out_features)
         if not self.quantize_activations:
-            return F.linear(x, self.dequantize().to(x.dtype))
+            return DequantizedMatmul.apply(x, self)
         x_q, x_gamma = absmax_quantize(x.float(), bits=8, dim=-1)  # (..., in), (..., 1)
         y = F.linear(x_q, self.weight_int8.float())  # exact integer sums (< 2^24) in fp32
         return (y * (x_gamma / 127) * (self.weight_absmax.T / 127)).to(x.dtype)

@@ -156,6 +156,20 @@ def test_nf4_linear_matches_dequantized_weight_and_survives_state_dict():
     assert bf.dequantize().dtype == torch.bfloat16
 
 
+def test_quantized_layers_recompute_the_weight_in_backward_instead_of_keeping_it():
+    """dx = dy W with W dequantized again; autograd keeps no (out, in) tensor for it."""
+    lin = nn.Linear(96, 40, bias=False)
+    for layer in (quant.NF4Linear.from_linear(lin), quant.Int8Linear.from_linear(lin)):
+        x = torch.randn(3, 96, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            y = layer(x)
+        assert (40, 96) not in saved and (96, 40) not in saved
+        dy = torch.randn(3, 40)
+        y.backward(dy)
+        torch.testing.assert_close(x.grad, dy @ layer.dequantize())
+
+
 def test_absmax_quantize_and_int8_linear():
     x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.1, -0.2]])
     x_q, gamma = quant.absmax_quantize(x, bits=8, dim=-1)
