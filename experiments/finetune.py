@@ -1,6 +1,6 @@
 """Pretrain on Python's docs, fine-tune on Tiny Shakespeare: full, LoRA, prefix, QLoRA.
 
-    python experiments/finetune.py            # about 15 minutes on a shared 2-core CPU
+    python experiments/finetune.py            # about 8 minutes on a 2-core CPU
     python experiments/finetune.py --quick    # seconds: tiny sizes, a smoke test for CI
 
 1. Pretrain a 4-layer, 256-wide GQA model on the pydoc corpus (BPE 4096), cached.
@@ -40,16 +40,14 @@ QUICK = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=32, vocab=3
 LR = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "prefix": 5e-3}  # per method, as the papers tune them
 
 
-def datasets(s, tag):
-    """(pydoc dataset dir, shakespeare dir with the pydoc tokenizer), prepared once."""
+def datasets(s, tag, corpus):
+    """(pydoc dataset dir, fine-tuning dataset dir with the pydoc tokenizer), prepared once."""
     pydoc = os.path.join(OUT, f"finetune{tag}", "data_pydoc")
     shakespeare = os.path.join(OUT, f"finetune{tag}", "data_shakespeare")
     if not os.path.exists(os.path.join(pydoc, "meta.json")):
         prepare("pydoc", "bpe", vocab_size=s["vocab"], out=pydoc, verbose=False)
     if not os.path.exists(os.path.join(shakespeare, "meta.json")):
-        if not os.path.exists(SHAKESPEARE):
-            raise FileNotFoundError(f"{SHAKESPEARE} not found: Tiny Shakespeare is expected in ../shared/data/")
-        prepare(SHAKESPEARE, out=shakespeare, tokenizer_from=pydoc, verbose=False)
+        prepare(corpus, out=shakespeare, tokenizer_from=pydoc, verbose=False)
     return pydoc, shakespeare
 
 
@@ -235,13 +233,16 @@ def plot(rows, base_val, memory, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI smoke test)")
+    p.add_argument("--corpus", default=SHAKESPEARE if os.path.exists(SHAKESPEARE) else "shakespeare",
+                   help="the fine-tuning text: ../shared/data/tinyshakespeare.txt when present, else Tiny "
+                        "Shakespeare downloaded by data/prepare.py, or any text file")
     args = p.parse_args()
     s, tag = (QUICK, "_quick") if args.quick else (FULL, "")
     train.peak_flops = lambda device, dtype: None  # the FLOP/s probe only feeds the MFU log line
     torch.set_num_threads(1)  # on a CPU shared by several jobs, one thread is ~20x faster than two spinning
     torch.manual_seed(0)
     root = os.path.join(OUT, f"finetune{tag}")
-    pydoc, shakespeare = datasets(s, tag)
+    pydoc, shakespeare = datasets(s, tag, args.corpus)
     base = os.path.join(root, "base")
     t0 = time.perf_counter()
     pretrain(s, pydoc, base)

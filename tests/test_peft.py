@@ -435,8 +435,11 @@ def test_peft_needs_init_from():
 
 
 def test_finetune_experiment_quick(tmp_path):
-    run = subprocess.run([sys.executable, "experiments/finetune.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**ONE_THREAD, "EXPERIMENTS_OUT": str(tmp_path)})
+    verse = tmp_path / "verse.txt"  # a stand-in for Tiny Shakespeare, which CI may not have offline
+    verse.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n" * 300)
+    run = subprocess.run([sys.executable, "experiments/finetune.py", "--quick", "--corpus", str(verse)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**ONE_THREAD, "EXPERIMENTS_OUT": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "finetune_quick.json").read_text())
     by_name = {r["name"]: r for r in result["runs"]}
