@@ -26,6 +26,7 @@ What it follows:
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -233,8 +234,11 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a plain-data checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence, not its advice
+        refused = " (refused: unpickling objects other than tensors and plain data could run code)" \
+            if isinstance(e, pickle.UnpicklingError) else ""
+        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a plain-data checkpoint{refused} "
+                         f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {path} has no 'model' and 'config' entries: not written by train.py")
     return ckpt
