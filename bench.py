@@ -154,7 +154,6 @@ def compiled_decoder(model, idx, new_tokens):
 def weight_read_rates(shape, rounds=3):
     """Bytes per second at which F.linear reads an (out, in) fp32 weight for one token, stored
     row-major and column-major: enough copies to overflow every cache, layouts alternated."""
-    import torch.nn.functional as F
     copies = max(2, int(256e6 // (4 * shape[0] * shape[1])))
     row_major = [torch.randn(shape) for _ in range(copies)]
     layouts = {"row-major": row_major, "column-major": [column_major(w) for w in row_major]}

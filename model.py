@@ -185,6 +185,11 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+def column_major(w):
+    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
+    return w.t().contiguous().t()
+
+
 def store_column_major(model):
     """Keep each nn.Linear weight's (out, in) shape but lay its columns out contiguously.
 
@@ -201,10 +206,6 @@ def store_column_major(model):
             m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
     return model
 
-
-def column_major(w):
-    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
-    return w.t().contiguous().t()
 
 
 class Transformer(nn.Module):

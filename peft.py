@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         w = next(iter([*base.parameters(), *base.buffers()]))  # for the device (NF4Linear has only buffers)
         # A and B stay fp32 whatever the base stores (NF4, int8, bf16): their updates are small and
-        # would round away in 16 bits; forward casts to the base's compute dtype (as HF PEFT does)
+        # would round away in 16 bits (HF PEFT does the same); forward adds B A x in the base's dtype
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device))
         # The paper draws A from a Gaussian; loralib and HF PEFT use nn.Linear's Kaiming-uniform,
