@@ -24,7 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer, column_major, config_to_hf, flops_per_token, hf_module_name
+from hf import config_to_hf, hf_module_name
+from model import ModelConfig, Transformer, flops_per_token
+from sample import column_major
 from train import TrainConfig, estimate_memory, format_bytes, make_optimizer, peak_flops
 
 # the two training shapes of the performance issue: the demo preset and a larger one

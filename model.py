@@ -23,10 +23,7 @@ Module names follow Meta's llama (wq wk wv wo, w1 w2 w3); `HF_NAMES` maps them t
 Hugging Face's once.
 """
 
-import json
 import math
-import os
-import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -185,29 +182,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-def column_major(w):
-    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
-    return w.t().contiguous().t()
-
-
-def store_column_major(model):
-    """Keep each nn.Linear weight's (out, in) shape but lay its columns out contiguously.
-
-    Decoding one token multiplies a single vector by every weight matrix: the work is
-    reading 4 bytes per parameter, so memory bandwidth, not FLOPs, sets the speed. The
-    CPU BLAS reads a matrix about twice as fast in the x @ W^T product when W^T is the
-    contiguous one (measured in bench.py); training's large matmuls do not care. The
-    values, the shape and the state_dict are the same as nn.Linear's; only the strides
-    differ. A weight tied to the embedding stays row-major (lookups read its rows).
-    """
-    tied = model.tok_embeddings.weight
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight is not tied and m.weight.is_contiguous():
-            m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
-    return model
-
-
-
 class Transformer(nn.Module):
     """Token embedding -> n_layer Blocks -> RMSNorm -> LM head (no biases anywhere)."""
 
@@ -227,7 +201,6 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.reset_rope()
         self.reset_parameters()
-        store_column_major(self)
 
     def reset_rope(self):
         """(Re)compute the RoPE tables (not saved in checkpoints: they follow from the config)."""
@@ -246,27 +219,36 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def forward(self, idx, targets=None, caches=None, start_pos=0, mask=None):
+    def forward(self, idx, targets=None, caches=None, start_pos=0, mask=None, input_embeds=None):
         """idx: (B, T) token ids at positions start_pos .. start_pos + T - 1.
 
         Returns logits for all T positions (B, T, vocab_size) and, given targets (B, T),
         the mean cross-entropy over targets != -100. `caches` (one KVCache per layer)
-        turns on incremental decoding; `mask` (T, S) overrides the causal mask.
+        turns on incremental decoding; `mask` (T, S) overrides the causal mask;
+        `input_embeds` (B, T, C) replaces the embedding lookup (llava.py puts image
+        features among the token embeddings this way).
         """
-        B, T = idx.shape
+        h = self.hidden_states(idx, caches, start_pos, mask, input_embeds)  # (B, T, C)
+        logits = self.output(h)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, idx, caches=None, start_pos=0, mask=None, input_embeds=None):
+        """The last layer's normalized output (B, T, C), before the LM head: a reward or
+        value head (align.py) reads these instead of the logits."""
+        x = self.tok_embeddings(idx) if input_embeds is None else input_embeds  # (B, T, C)
+        T = x.shape[1]
         if start_pos + T > self.config.block_size:
             raise ValueError(f"positions up to {start_pos + T} exceed the context block_size="
                              f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
-        x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)  # (B, T, C)
+        x = F.dropout(x, self.config.dropout, self.training)
         cos = self.rope_cos[start_pos:start_pos + T]  # (T, hd)
         sin = self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, mask)
-        logits = self.output(self.norm(x))  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100)
-        return logits, loss
+        return self.norm(x)
 
     # ------------------------------------------------------------------------- generation
     def new_kv_caches(self, batch_size, dtype=None):
@@ -336,12 +318,14 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_hf(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face Llama checkpoint directory or Hub id (see the end of this file)."""
-        return load_hf_checkpoint(path, dtype, device)
+        """Load a Hugging Face Llama checkpoint directory or Hub id (hf.py)."""
+        import hf  # hf.py imports this file: the door is opened lazily
+        return hf.load_llama(path, dtype, device)
 
     def save_hf(self, path, dtype=None):
-        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
-        write_hf_checkpoint(self, path, dtype)
+        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads (hf.py)."""
+        import hf
+        hf.save_llama(self, path, dtype)
 
 
 def check_sampling_args(temperature, top_k, top_p):
@@ -435,183 +419,3 @@ def convert_kv_heads(model, n_kv_head, method="mean"):
             state[name] = w.reshape(n_kv_head * c.head_dim, c.n_embd)
     new.load_state_dict(state)
     return new
-
-
-# ----------------------------------------------------------------------------- Hugging Face
-# Our module names -> Hugging Face LlamaForCausalLM's (the glossary above, in code).
-HF_NAMES = {
-    "tok_embeddings": "model.embed_tokens",
-    "norm": "model.norm",
-    "output": "lm_head",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-}
-
-
-def hf_module_name(name):
-    """'layers.3.attention.wq' -> 'model.layers.3.self_attn.q_proj' (also for '...wq.weight')."""
-    m = re.fullmatch(r"layers\.(\d+)\.(.+?)(\.weight)?", name)
-    if m:
-        return f"model.layers.{m[1]}.{HF_NAMES[m[2]]}{m[3] or ''}"
-    m = re.fullmatch(r"(.+?)(\.weight)?", name)
-    return HF_NAMES[m[1]] + (m[2] or "")
-
-
-def config_from_hf(hf):
-    """A Hugging Face config.json dict -> ModelConfig, refusing what this model cannot represent."""
-    arch = hf.get("architectures") or [hf.get("model_type", "?")]
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
-        raise ValueError(f"unsupported architecture {arch[0]!r} (model_type {hf.get('model_type')!r}): "
-                         f"this loader reads Llama-format checkpoints (LlamaForCausalLM)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    problems = []
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu', SwiGLU)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        problems.append("biases in attention or MLP (this model has none)")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} (only plain RoPE)")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        problems.append(f"head_dim={head_dim} with hidden_size != num_attention_heads * head_dim")
-    if problems:
-        raise ValueError("unsupported Llama variant: " + "; ".join(problems))
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"], n_head=hf["num_attention_heads"],
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-
-
-def config_to_hf(config, dtype=torch.float32):
-    if config.parallel_block:
-        raise ValueError("a parallel_block model has no Hugging Face Llama equivalent; train it serial to export")
-    if config.sparse_local or config.sparse_stride:
-        raise ValueError("a sparse-attention model has no Hugging Face Llama equivalent (it attends to other "
-                         "positions); export a dense one (sparse_local=0, sparse_stride=0)")
-    if config.bitlinear:
-        raise ValueError("a bitlinear (BitNet) model has no Hugging Face Llama equivalent: its linear layers "
-                         "binarize weights and quantize activations in the forward pass; export a model "
-                         "trained with bitlinear=False")
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
-        "num_hidden_layers": config.n_layer, "hidden_size": config.n_embd,
-        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim, "intermediate_size": config.intermediate_size,
-        "hidden_act": "silu", "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "rope_scaling": None, "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": None, "eos_token_id": None,
-    }
-
-
-def load_hf_state_dict(path):
-    """All tensors of a Hugging Face checkpoint directory, by their HF names.
-
-    Reads model.safetensors, sharded *.safetensors listed in model.safetensors.index.json,
-    or pytorch_model.bin (with weights_only=True: no code from the file runs).
-    """
-    from safetensors.torch import load_file
-
-    def shards(index_name):
-        with open(os.path.join(path, index_name)) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return load_file(os.path.join(path, "model.safetensors"))
-    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
-        state = {}
-        for shard in shards("model.safetensors.index.json"):
-            state.update(load_file(os.path.join(path, shard)))
-        return state
-    bins = (["pytorch_model.bin"] if os.path.exists(os.path.join(path, "pytorch_model.bin")) else
-            shards("pytorch_model.bin.index.json") if os.path.exists(os.path.join(path, "pytorch_model.bin.index.json"))
-            else [])
-    if not bins:
-        raise FileNotFoundError(f"no model.safetensors, sharded safetensors or pytorch_model.bin in {path}")
-    state = {}
-    for name in bins:
-        state.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True))
-    return state
-
-
-def _resolve_hf_path(path):
-    if os.path.isdir(path):
-        return path
-    try:  # a Hub id such as "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T" (needs the internet)
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
-    except Exception as e:
-        raise FileNotFoundError(f"{path!r} is not a local Hugging Face checkpoint directory, and downloading it "
-                                f"from the Hub failed ({type(e).__name__}: {e})") from None
-
-
-def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
-    """Load a Llama-format Hugging Face checkpoint directory (or Hub id) as a Transformer."""
-    path = _resolve_hf_path(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint directory has a config.json")
-    with open(config_path) as f:
-        config = config_from_hf(json.load(f))
-    theirs = load_hf_state_dict(path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    ours = {}
-    for name in model.state_dict():
-        if config.tie_embeddings and name == "output.weight":
-            continue  # the same tensor as tok_embeddings.weight
-        hf = hf_module_name(name)
-        if hf not in theirs:
-            raise ValueError(f"{path}: tensor {hf!r} is missing from the checkpoint")
-        ours[name] = theirs.pop(hf).to(dtype)
-    if config.tie_embeddings:
-        theirs.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-    leftover = [k for k in theirs if not k.endswith("rotary_emb.inv_freq")]
-    if leftover:
-        raise ValueError(f"{path}: unexpected tensors not in a Llama model: {leftover[:5]}")
-    model.load_state_dict(ours, assign=True, strict=not config.tie_embeddings)
-    del ours  # the model holds the tensors now: the relayout below then needs one matrix of extra memory, not all
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.reset_rope()
-    store_column_major(model)
-    return model.to(device)
-
-
-def write_hf_checkpoint(model, path, dtype=None):
-    """Write `model` as a Hugging Face Llama checkpoint: config.json + model.safetensors.
-
-    Each file is written to a temporary name and renamed, so a crash never leaves a
-    half-written file under the final name.
-    """
-    from safetensors.torch import save_file
-
-    config = model.config
-    dtype = dtype or model.tok_embeddings.weight.dtype
-    hf_config = config_to_hf(config, dtype)
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if config.tie_embeddings and name == "output.weight":
-            continue  # tied: Hugging Face stores the shared matrix once, as embed_tokens
-        tensors[hf_module_name(name)] = t.detach().to("cpu", dtype).contiguous()
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json.tmp"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
-

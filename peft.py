@@ -19,7 +19,6 @@ Note: this file shadows Hugging Face's `peft` package inside this repository; th
 import theirs around it (tests/test_peft.py).
 """
 
-import json
 import math
 import os
 import warnings
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import HF_NAMES, hf_module_name
+from checkpoint import save_tensors, write_json
 
 # short target names -> module names inside a Block (model.py's wq wk wv wo, w1 w2 w3)
 TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
@@ -198,118 +197,6 @@ def count_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ----------------------------------------------------------------------------- HF PEFT layout
-def hf_lora_name(name):
-    """'layers.0.attention.wq.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
-    module, _, which = name.rpartition(".")
-    return f"base_model.model.{hf_module_name(module)}.{which}.weight"
-
-
-def save_lora(model, path, base_path=""):
-    """adapter_config.json + adapter_model.safetensors as HF PEFT writes them, names matching
-    the model that model.save_hf exports; each file written atomically."""
-    from safetensors.torch import save_file
-
-    cfg = getattr(model, "peft_config", None)
-    if not cfg or cfg["peft"] != "lora":
-        raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
-    tensors = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            for which in ("lora_A", "lora_B"):
-                tensors[hf_lora_name(f"{name}.{which}")] = getattr(m, which).detach().cpu().contiguous()
-    hf_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
-                 "lora_dropout": cfg["dropout"], "bias": "none", "fan_in_fan_out": False,
-                 "target_modules": sorted(HF_NAMES[TARGETS[t]].rpartition(".")[2] for t in cfg["targets"]),
-                 "base_model_name_or_path": base_path, "inference_mode": True, "use_rslora": False,
-                 "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(path, "adapter_model.safetensors.tmp"), os.path.join(path, "adapter_model.safetensors"))
-    write_json(hf_config, os.path.join(path, "adapter_config.json"))
-
-
-def read_lora_config(path):
-    """adapter_config.json of an HF PEFT LoRA adapter, refusing what plain LoRA here cannot load."""
-    hf_config = read_json(os.path.join(path, "adapter_config.json"))
-    if hf_config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {hf_config.get('peft_type')!r} is not a LoRA adapter")
-    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if hf_config.get(key):
-            raise ValueError(f"{path}: {key}=true is not supported here (plain LoRA only)")
-    if hf_config.get("bias", "none") != "none" or hf_config.get("rank_pattern") or hf_config.get("alpha_pattern"):
-        raise ValueError(f"{path}: LoRA biases and per-layer rank/alpha patterns are not supported")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in hf_config:
-            raise ValueError(f"{path}/adapter_config.json has no {key!r}: not a LoRA adapter config")
-    return hf_config
-
-
-def targets_from_hf(modules, path):
-    """HF target_modules (["q_proj", "v_proj"] or "all-linear") -> our short target names."""
-    if modules == "all-linear":
-        return "all"
-    by_hf = {HF_NAMES[v].rpartition(".")[2]: k for k, v in TARGETS.items()}  # "q_proj" -> "q"
-    modules = [modules] if isinstance(modules, str) else modules
-    targets = [by_hf[m] for m in modules if m in by_hf]
-    if not targets:
-        raise ValueError(f"{path}: target_modules {modules} name none of this model's linear layers "
-                         f"({', '.join(sorted(by_hf))})")
-    return targets
-
-
-def load_lora(model, path):
-    """Load an HF PEFT LoRA adapter (ours or trained elsewhere); applies LoRA first if needed.
-    Every tensor is checked before anything in the model changes."""
-    from safetensors.torch import load_file
-
-    hf_config = read_lora_config(path)
-    r, alpha = hf_config["r"], hf_config["lora_alpha"]
-    if not lora_layers(model):
-        apply_lora(model, r, alpha, targets_from_hf(hf_config["target_modules"], path),
-                   hf_config.get("lora_dropout", 0.0))
-    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
-    tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}  # some writers keep the adapter name
-    updates = []  # (parameter, tensor), copied once all of them are known to fit
-    for name, m in model.named_modules():
-        if not isinstance(m, LoRALinear):
-            continue
-        if m.merged or m.r != r:
-            raise ValueError(f"{path}: cannot load into {name}: " + ("it is merged; unmerge_lora first" if m.merged
-                             else f"the adapter has rank r={r} but the model's LoRA layers have r={m.r}"))
-        for which in ("lora_A", "lora_B"):
-            key = hf_lora_name(f"{name}.{which}")
-            if key not in tensors:
-                raise ValueError(f"{path}: adapter tensor {key} is missing")
-            t = tensors.pop(key)
-            if t.shape != getattr(m, which).shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(getattr(m, which).shape)}: was it trained on another base?")
-            updates.append((getattr(m, which), t))
-    if tensors:
-        raise ValueError(f"{path}: adapter tensors for modules this model has no LoRA on: {sorted(tensors)[:3]}")
-    with torch.no_grad():
-        for param, t in updates:
-            param.copy_(t)
-    for m in lora_layers(model):  # the file's scale alpha / r
-        m.alpha, m.scaling = alpha, alpha / r
-    model.peft_config = {**model.peft_config, "alpha": alpha}
-    return model
-
-
-def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: an adapter directory holds adapter_config.json")
-    with open(path) as f:
-        return json.load(f)
-
-
 # ----------------------------------------------------------------------------- prefix-tuning
 class PrefixMLP(nn.Module):
     """P_theta = MLP(P'_theta) (Li & Liang section 4.3): a (P, n_embd) prefix embedding P'
@@ -389,38 +276,13 @@ def fold_prefix(model):
 def save_prefix(model, path):
     """The folded prefix as prefix.safetensors + adapter_config.json (our layout; HF PEFT's
     prefix-tuning stores a different, model-specific shape). The model itself is not folded."""
-    from safetensors.torch import save_file
-
     encoder = getattr(model, "prefix_encoder", None)
     if encoder is None:
         raise ValueError("the model has no prefix to save; call apply_prefix first")
     with torch.no_grad():
-        kv = encoder().detach().cpu().contiguous()  # (n_layer, 2, n_kv_head, P, hd)
-    os.makedirs(path, exist_ok=True)
-    save_file({"prefix_kv": kv}, os.path.join(path, "prefix.safetensors.tmp"))
-    os.replace(os.path.join(path, "prefix.safetensors.tmp"), os.path.join(path, "prefix.safetensors"))
+        kv = encoder()  # (n_layer, 2, n_kv_head, P, hd)
+    save_tensors({"prefix_kv": kv}, os.path.join(path, "prefix.safetensors"))
     write_json({"peft_type": "PREFIX_KV", "prefix_len": encoder.prefix_len}, os.path.join(path, "adapter_config.json"))
-
-
-def load_adapter(model, path):
-    """Load whatever adapter `path` holds (LoRA in HF PEFT layout, or a folded prefix)."""
-    from safetensors.torch import load_file
-
-    kind = read_json(os.path.join(path, "adapter_config.json")).get("peft_type")
-    if kind == "LORA":
-        return load_lora(model, path)
-    if kind == "PREFIX_KV":
-        kv = load_file(os.path.join(path, "prefix.safetensors"))["prefix_kv"]
-        c = model.config
-        if kv.shape[:3] != (c.n_layer, 2, c.n_kv_head) or kv.shape[4] != c.head_dim:
-            raise ValueError(f"{path}: prefix of shape {tuple(kv.shape)} does not fit this model "
-                             f"(n_layer={c.n_layer}, n_kv_head={c.n_kv_head}, head_dim={c.head_dim})")
-        freeze(model)
-        w = model.tok_embeddings.weight
-        attach_prefix(model, PrefixKV(kv.to(w.device, w.dtype)))
-        model.peft_config = {"peft": "prefix", "prefix_len": kv.shape[3], "reparam_hidden": 0}
-        return model
-    raise ValueError(f"{path}: unknown adapter type {kind!r} (expected LORA or PREFIX_KV)")
 
 
 # ----------------------------------------------------------------------------- paged AdamW

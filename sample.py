@@ -20,9 +20,12 @@ from contextlib import nullcontext
 
 import torch
 
-from data.tokenizer import load_tokenizer
-from model import ModelConfig, Transformer
-from train import TrainConfig, build_model, load_checkpoint, resolve_device
+from torch import nn
+
+import quant
+from checkpoint import load_checkpoint
+from model import Transformer
+from runs import load_adapter, load_run, resolve_device
 
 
 class HFTokenizer:
@@ -45,49 +48,48 @@ class HFTokenizer:
 
 
 def load_model(args, device):
-    """(model, tokenizer) from --out_dir (our checkpoint) or --hf_dir."""
+    """(model, tokenizer) from --out_dir (any train.py run, adapters included) or --hf_dir."""
     if args.hf_dir:
         tok_path = os.path.join(args.hf_dir, "tokenizer.json")
         if not os.path.exists(tok_path):
             raise FileNotFoundError(f"tokenizer {tok_path} not found next to the Hugging Face checkpoint")
         return Transformer.from_hf(args.hf_dir, device=device), HFTokenizer(tok_path)
-    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-    method = peft_method(ckpt)
+    model, tokenizer, ckpt = load_run(args.out_dir, device)
+    method = ckpt["train_config"].get("peft", "")
     if method and args.adapter:
         raise ValueError(f"{args.out_dir} is a --peft {method} run (an adapter on its base); pass it alone as "
                          f"--out_dir, or give its base as --out_dir and it as --adapter")
-    return model_from_checkpoint(ckpt, args.out_dir).to(device), load_tokenizer(args.out_dir)
-
-
-def peft_method(ckpt):
-    return ckpt.get("train_config", {}).get("peft", "")
-
-
-def model_from_checkpoint(ckpt, out_dir):
-    """The model a train.py checkpoint holds. A --peft run saved only its adapter and a
-    pointer to the base: the run's model is rebuilt as train.py --resume does (base, any
-    GQA conversion, quantization, adapters), then the adapter's tensors are loaded."""
-    if peft_method(ckpt):
-        config = ckpt["config"]
-        model = build_model(TrainConfig(**ckpt["train_config"]), config, {"vocab_size": config["vocab_size"]}, ckpt)
-        model.load_state_dict({**model.state_dict(), **ckpt["model"]})
-        return model
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{out_dir}/ckpt.pt does not match its own config: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    return model
+    return model, tokenizer
 
 
 def add_adapter(model, path, method=""):
     """A LoRA / prefix adapter on the model; a QLoRA adapter gets its NF4 + DQ base."""
-    import quant
-    from peft import load_adapter
     if method == "qlora" and quant.quantization_method(model) is None:
         print("the adapter was trained with --peft qlora: storing the base in nf4-dq as it was", file=sys.stderr)
         quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(model.tok_embeddings.weight.device))
     return load_adapter(model, path)
+
+
+def column_major(w):
+    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
+    return w.t().contiguous().t()
+
+
+def store_column_major(model):
+    """For CPU decoding: keep each nn.Linear weight's (out, in) shape but lay its columns out contiguously.
+
+    Decoding one token multiplies a single vector by every weight matrix: the work is
+    reading 4 bytes per parameter, so memory bandwidth, not FLOPs, sets the speed. The
+    CPU BLAS reads a matrix faster in the x @ W^T product when W^T is the
+    contiguous one (measured in bench.py); training's large matmuls do not care. The
+    values, the shape and the state_dict are the same as nn.Linear's; only the strides
+    differ. A weight tied to the embedding stays row-major (lookups read its rows).
+    """
+    tied = model.tok_embeddings.weight
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight is not tied and m.weight.is_contiguous():
+            m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
+    return model
 
 
 def read_prompt(prompt):
@@ -139,14 +141,15 @@ def main(argv=None):
         device = resolve_device(args.device)
         model, tokenizer = load_model(args, device)
         if args.quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
-            import quant
             quant.quantize_model(model, args.quantize, compute_dtype=quant.compute_dtype(device))
         if args.adapter:
             inner = os.path.join(args.adapter, "adapter")  # a --peft training run writes out_dir/adapter
             run = os.path.join(args.adapter, "ckpt.pt")
-            method = peft_method(load_checkpoint(run)) if os.path.exists(run) else ""
+            method = load_checkpoint(run)["train_config"].get("peft", "") if os.path.exists(run) else ""
             add_adapter(model, inner if os.path.isdir(inner) else args.adapter, method)
         model.eval()
+        if device.type == "cpu":
+            store_column_major(model)
         if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:
             raise ValueError(f"--eos_id {args.eos_id} is not a token id of this model (0 .. "
                              f"{model.config.vocab_size - 1})")

@@ -26,7 +26,6 @@ What it follows:
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -38,7 +37,9 @@ import torch
 import torch.distributed as dist
 
 from data.prepare import dataset_dir, prepare
-from model import ModelConfig, Transformer, convert_kv_heads, count_params, flops_per_token
+from checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_figure
+from model import ModelConfig, count_params, flops_per_token
+from runs import build_model, resolve_device, save_adapter
 
 
 # ----------------------------------------------------------------------------- config
@@ -209,49 +210,6 @@ def draw_offsets(data, n, block_size, generator):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, fsync, then rename over `path`: a crash at any
-    moment leaves either the previous complete checkpoint or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True (no code from the file runs), with clear errors."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence, not its advice
-        refused = " (refused: unpickling objects other than tensors and plain data could run code)" \
-            if isinstance(e, pickle.UnpicklingError) else ""
-        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a plain-data checkpoint{refused} "
-                         f"({type(e).__name__}: {reason})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'model' and 'config' entries: not written by train.py")
-    return ckpt
-
-
-def check_same_config(ckpt_config, requested, path):
-    """A resumed run keeps its checkpoint's model: say which requested field differs."""
-    for key, value in requested.items():
-        if ckpt_config.get(key) != value:
-            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt_config.get(key)!r} but the config "
-                             f"asks for {key}={value!r}; drop that override or use another out_dir")
-
-
 def check_out_dir(out_dir, needed_bytes):
     """Fail before training, not after an hour: out_dir must be writable with room for
     two checkpoints (the new one is written before the old one is replaced)."""
@@ -398,18 +356,10 @@ def plot_losses(history, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- distributed
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def setup_distributed(cfg):
     """Under torchrun (RANK is set) join the process group: gloo on CPU, nccl on GPU."""
     device = resolve_device(cfg.device)
@@ -427,8 +377,6 @@ def wrap_model(model, cfg, world, device):
     and optimizer state across processes (one shard group per Block)."""
     if world > 1 and cfg.dist == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for p in model.parameters():  # FSDP shards contiguous (row-major) parameters only
-            p.data = p.data.contiguous()
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -459,73 +407,6 @@ def load_state_dicts(model, optimizer, model_sd, optim_sd):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
-
-
-# ----------------------------------------------------------------------------- the model
-def build_model(cfg, model_args, meta, ckpt):
-    """The model to train: resumed from ckpt, initialized from --init_from, or fresh."""
-    vocab = meta["vocab_size"]
-    if ckpt is not None and cfg.peft:  # resume a PEFT run: rebuild it from the base it points to
-        check_same_config(ckpt["config"], model_args, cfg.out_dir)
-        cfg = TrainConfig(**{**asdict(cfg), "init_from": ckpt["base"]})
-    elif ckpt is not None:  # resume: the checkpoint's shapes; command-line model fields must agree
-        check_same_config(ckpt["config"], model_args, cfg.out_dir)
-        return Transformer(ModelConfig.from_dict(ckpt["config"]))
-    if cfg.init_from:
-        base, state = load_pretrained(cfg.init_from)
-        n_kv_head = model_args.get("n_kv_head", base.n_kv_head)
-        if n_kv_head != base.n_kv_head and not cfg.kv_init:
-            raise ValueError(f"--init_from {cfg.init_from} has n_kv_head={base.n_kv_head}; to uptrain it with "
-                             f"n_kv_head={n_kv_head} say how to build the new heads: --kv_init mean|first|random")
-        try:
-            model = Transformer(ModelConfig.from_dict({**base.to_dict(), **model_args, "n_kv_head": base.n_kv_head}))
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"--init_from {cfg.init_from}: the overrides {model_args} change the shape of "
-                             f"the pretrained weights ({str(e).splitlines()[1].strip()})") from None
-        if n_kv_head != base.n_kv_head:  # GQA uptraining: pool the checkpoint's kv heads
-            model = convert_kv_heads(model, n_kv_head, cfg.kv_init)
-    else:
-        if model_args.get("vocab_size", vocab) < vocab:
-            raise ValueError(f"vocab_size={model_args['vocab_size']} is smaller than the tokenizer's {vocab} tokens")
-        preset = ModelConfig.from_name(cfg.model)
-        args = {"vocab_size": max(preset.vocab_size, vocab), **model_args}
-        model = Transformer(ModelConfig.from_name(cfg.model, **args))
-    if model.config.vocab_size < vocab:
-        raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
-                         f"{vocab} tokens ({cfg.dataset}); use a dataset made with the model's tokenizer")
-    return apply_peft(model, cfg) if cfg.peft else model
-
-
-def apply_peft(model, cfg):
-    """--peft: freeze the pretrained model and add trainable adapters (peft.py)."""
-    import peft
-    if cfg.peft == "prefix":
-        return peft.apply_prefix(model, cfg.prefix_len, cfg.prefix_hidden)
-    if cfg.peft == "qlora":  # QLoRA section 3: NF4 + double-quantized base, LoRA on every linear layer
-        import quant
-        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(resolve_device(cfg.device)))
-    targets = "all" if cfg.peft == "qlora" else cfg.lora_targets
-    return peft.apply_lora(model, cfg.lora_r, cfg.lora_alpha, targets, cfg.lora_dropout)
-
-
-def save_adapter(model, cfg):
-    """The adapter alone, next to the checkpoint: out_dir/adapter (HF PEFT layout for LoRA)."""
-    import peft
-    path = os.path.join(cfg.out_dir, "adapter")
-    if cfg.peft == "prefix":
-        peft.save_prefix(model, path)
-    else:
-        peft.save_lora(model, path, base_path=os.path.abspath(cfg.init_from))
-
-
-def load_pretrained(path):
-    """(ModelConfig, state_dict) from our checkpoint (an out_dir or .pt) or a Hugging Face directory."""
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")):
-        model = Transformer.from_hf(path)
-        return model.config, model.state_dict()
-    ckpt = load_checkpoint(path)
-    return ModelConfig.from_dict(ckpt["config"]), ckpt["model"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -564,7 +445,7 @@ def train(cfg, model_args=None, explicit=()):
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     meta, data = load_dataset(cfg.dataset)
-    model = build_model(cfg, model_args, meta, ckpt).to(device)
+    model = build_model(asdict(cfg), model_args, meta["vocab_size"], ckpt).to(device)
     config = model.config
     block_size = config.block_size
     if master:
@@ -623,11 +504,11 @@ def train(cfg, model_args=None, explicit=()):
             peft_info = {"base": os.path.abspath(cfg.init_from), "peft": raw.peft_config}
         if master:
             save_checkpoint({"model": model_sd, "optimizer": optim_sd, "iter_num": iter_num,
-                             "config": config.to_dict(), "train_config": asdict(cfg),
+                             "model_config": config.to_dict(), "train_config": asdict(cfg),
                              "rng": {"torch": rngs, "cuda": cuda_rngs, "data": data_gen.get_state()},
                              "history": history, **peft_info}, ckpt_path)
             if cfg.peft:
-                save_adapter(raw, cfg)
+                save_adapter(raw, os.path.join(cfg.out_dir, "adapter"), os.path.abspath(cfg.init_from))
 
     step_times = []  # seconds of each optimizer step (evaluations excluded)
     resumed_seconds = history.get("step_seconds", 0.0)
@@ -705,8 +586,9 @@ def copy_tokenizer(data_dir, out_dir):
     for name in ("meta.json", "tokenizer.tiktoken"):
         src = os.path.join(data_dir, name)
         if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(out_dir, name + ".tmp"))
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+            with open(src, "rb") as f:
+                data = f.read()
+            atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
 
 
 def format_time(seconds):

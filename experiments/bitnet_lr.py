@@ -129,7 +129,7 @@ def main():
     t = "BitNet b1.58 (ternary)"
     best = min(setup["lrs"], key=lambda lr: (math.isnan(results[t][str(lr)]["val_loss"]), results[t][str(lr)]["val_loss"]))
     ckpt = load_checkpoint(os.path.join(runs_dir, f"BitNet_t_{best:g}"))
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     rows, totals = packing_report(model)
     print(f"b1.58 (lr {best:g}) block weights: fp32 {totals['fp32']:,} B | bf16 {totals['bf16']:,} B | "

@@ -54,7 +54,7 @@ def same_settings(ckpt, cfg, model_args):
     """Whether a cached run was made with these settings (paths aside: the folder may have moved)."""
     paths = {"out_dir": "", "init_from": "", "resume": False}
     return ({**ckpt["train_config"], **paths} == {**asdict(cfg), **paths}
-            and all(ckpt["config"].get(k) == v for k, v in model_args.items()))
+            and all(ckpt["model_config"].get(k) == v for k, v in model_args.items()))
 
 
 def write(name, quick, results, fig):

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from common import OUT, save_figure  # noqa: E402
+import hf  # noqa: E402
 import peft  # noqa: E402
 import train  # noqa: E402
 from data.prepare import prepare  # noqa: E402
@@ -87,7 +88,7 @@ def finetune(s, name, method, extra, base, data, root):
          "--learning_rate", str(lr), "--min_lr", str(lr / 10), "--warmup_iters", str(max(n // 10, 1)),
          "--weight_decay", "0", "--log_interval", str(max(n // 3, 1)), "--peft", method] + extra)
     ckpt = train.load_checkpoint(out_dir)
-    config = ModelConfig.from_dict(ckpt["config"])
+    config = ModelConfig.from_dict(ckpt["model_config"])
     trainable = sum(t.numel() for t in ckpt["model"].values()) if method else count_params(config)
     adapter = os.path.join(out_dir, "adapter")
     files = [os.path.join(adapter, f) for f in ("adapter_model.safetensors", "prefix.safetensors")]
@@ -110,12 +111,12 @@ def finetune(s, name, method, extra, base, data, root):
 
 
 def lora_model(base, adapter_dir):
-    return peft.load_lora(base_model(base), adapter_dir).eval()
+    return hf.load_lora(base_model(base), adapter_dir).eval()
 
 
 def base_model(base):
     ckpt = train.load_checkpoint(base)
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -156,7 +157,7 @@ def merge_errors(base, adapter_dir, x):
         out[str(dtype).removeprefix("torch.")] = {"weight": num / den, "logits": (model(x)[0] - unmerged).abs().max().item()}
     import quant
     model = quant.quantize_model(base_model(base), "nf4-dq")
-    peft.load_lora(model, adapter_dir)
+    hf.load_lora(model, adapter_dir)
     unmerged = model(x)[0]
     num, den = 0.0, 0.0
     for m in peft.lora_layers(model):

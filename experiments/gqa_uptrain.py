@@ -26,7 +26,7 @@ from model import ModelConfig, Transformer  # noqa: E402
 
 def load(out_dir):
     ckpt = train.load_checkpoint(out_dir)
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -31,7 +31,7 @@ def main():
     results = {"peak_flops": peak}
     for name, flag in [("serial", "false"), ("parallel", "true")]:
         h, sec = run(os.path.join(root, name), s, "--parallel_block", flag, eval_every=max(s["iters"] // 8, 1))
-        config = ModelConfig(**train.load_checkpoint(os.path.join(root, name))["config"])
+        config = ModelConfig(**train.load_checkpoint(os.path.join(root, name))["model_config"])
         tokens = s["iters"] * s["batch"] * s["block_size"]
         step_seconds = h["step_seconds"]  # the optimizer steps only (train.py excludes evaluations)
         results[name] = {"val_loss": h["val_loss"][-1], "seconds": sec, "tok_s": tokens / step_seconds,

@@ -45,14 +45,14 @@ def trained_model(setup, dataset, out_dir):
     cfg = TrainConfig(model="debug", dataset=dataset, out_dir=out_dir, **setup["train"])
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        same = all(ckpt["config"][k] == v for k, v in setup["model"].items()) and ckpt["iter_num"] == cfg.max_iters
+        same = all(ckpt["model_config"][k] == v for k, v in setup["model"].items()) and ckpt["iter_num"] == cfg.max_iters
         if not same:
             print(f"{ckpt_path} is from another setup: training again")
     if not os.path.exists(ckpt_path) or not same:
         meta, _ = load_dataset(dataset)
         train(cfg, {**setup["model"], "vocab_size": meta["vocab_size"]})
         ckpt = load_checkpoint(ckpt_path)
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

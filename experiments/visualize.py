@@ -32,7 +32,7 @@ def trained_model(quick):
         out_dir = os.path.join(OUT, "visualize" + ("_quick" if quick else ""), "base")
         run(out_dir, s)
     ckpt = train.load_checkpoint(out_dir)
-    model = Transformer(ModelConfig.from_dict({**ckpt["config"], "attn_impl": "math"}))
+    model = Transformer(ModelConfig.from_dict({**ckpt["model_config"], "attn_impl": "math"}))
     model.load_state_dict(ckpt["model"])
     return model.eval(), load_tokenizer(out_dir)
 

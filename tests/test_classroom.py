@@ -66,9 +66,9 @@ def test_train_uptrains_an_mha_checkpoint(char_dataset, tmp_path):
                               "--out_dir", str(tmp_path / "gqa"), "--max_iters", "0"]))
     mha = load_checkpoint(str(tmp_path / "mha"))
     gqa = load_checkpoint(str(tmp_path / "gqa"))
-    assert gqa["config"]["n_kv_head"] == 2
+    assert gqa["model_config"]["n_kv_head"] == 2
     from model import ModelConfig
-    expected = Transformer(ModelConfig.from_dict(mha["config"]))
+    expected = Transformer(ModelConfig.from_dict(mha["model_config"]))
     expected.load_state_dict(mha["model"])
     expected = convert_kv_heads(expected, 2, "mean").state_dict()
     assert all(torch.equal(expected[k], v) for k, v in gqa["model"].items())

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
+import hf
+import runs
 from attention import apply_rope, repeat_kv
 from model import ModelConfig, Transformer
 import peft
@@ -124,26 +126,26 @@ def test_lora_on_an_int8_base_trains_in_fp32_and_merges_with_a_warning():
 
 def test_load_lora_takes_the_files_alpha_and_checks_its_rank(tmp_path):
     _, model = lora_model(r=2, alpha=32, targets="q,v")
-    peft.save_lora(model, tmp_path)
+    hf.save_lora(model, tmp_path)
     target = peft.apply_lora(Transformer(tiny_config()), r=2, alpha=4, targets="q,v")  # adapters in place, alpha 4
-    peft.load_lora(target, tmp_path)
+    hf.load_lora(target, tmp_path)
     assert target.layers[0].attention.wq.scaling == 16.0  # 32 / 2, from adapter_config.json
     with pytest.raises(ValueError, match="rank r=2 but the model's LoRA layers have r=3"):
-        peft.load_lora(peft.apply_lora(Transformer(tiny_config()), r=3, targets="q,v"), tmp_path)
+        hf.load_lora(peft.apply_lora(Transformer(tiny_config()), r=3, targets="q,v"), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
     with pytest.raises(ValueError, match=r"target_modules \['c_attn'\] name none of this model's linear layers"):
-        peft.load_lora(Transformer(tiny_config()), tmp_path)
+        hf.load_lora(Transformer(tiny_config()), tmp_path)
 
 
 def test_save_load_round_trip_in_hf_peft_layout(tmp_path):
     from safetensors.torch import load_file
     base, model = lora_model(r=2, alpha=4, targets=("q", "k", "down"))
-    peft.save_lora(model, tmp_path)
+    hf.save_lora(model, tmp_path)
     names = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in names
     assert "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" in names and len(names) == 12
-    fresh = peft.load_lora(base, tmp_path)  # applies LoRA from adapter_config.json, then loads A and B
+    fresh = hf.load_lora(base, tmp_path)  # applies LoRA from adapter_config.json, then loads A and B
     assert fresh.peft_config["targets"] == ["q", "k", "down"] and fresh.peft_config["r"] == 2
     assert torch.equal(fresh(ids())[0], model(ids())[0])
 
@@ -179,7 +181,7 @@ def test_hf_peft_parity_both_ways(tmp_path):
     pytest.importorskip("transformers", reason="transformers loads the exported base for the PEFT oracle")
     base, model = lora_model(r=4, alpha=8, targets=("q", "v", "gate"))
     base.save_hf(tmp_path / "base")
-    peft.save_lora(model, tmp_path / "ours")
+    hf.save_lora(model, tmp_path / "ours")
     x = ids()
     torch.save(x, tmp_path / "ids.pt")
     env = {k: v for k, v in ONE_THREAD.items() if k != "PYTHONPATH"}
@@ -191,7 +193,7 @@ def test_hf_peft_parity_both_ways(tmp_path):
     with torch.no_grad():
         assert (out["ours"] - model(x)[0]).abs().max() < 1e-4  # our adapter in their PeftModel
         theirs = Transformer.from_hf(str(tmp_path / "base"))
-        peft.load_lora(theirs, tmp_path / "theirs")  # their adapter in our model
+        hf.load_lora(theirs, tmp_path / "theirs")  # their adapter in our model
         assert peft.count_trainable(theirs) == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 256))  # q o, k v, mlp
         assert (out["theirs"] - theirs(x)[0]).abs().max() < 1e-4
         assert (out["theirs"] - base(x)[0]).abs().max() > 1e-3  # their adapter does change the outputs
@@ -307,7 +309,7 @@ def test_save_and_load_folded_prefix(tmp_path):
     assert isinstance(model.prefix_encoder, peft.PrefixMLP)  # saving does not fold the model in training
     fresh = Transformer(tiny_config())
     fresh.load_state_dict({n: p for n, p in model.state_dict().items() if not n.startswith("prefix_encoder")})
-    peft.load_adapter(fresh, tmp_path)
+    runs.load_adapter(fresh, tmp_path)
     with torch.no_grad():
         assert (fresh(ids())[0] - y).abs().max() < 1e-6
 
@@ -375,7 +377,7 @@ def base_run(char_dataset, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, tmp_path):
-    from train import load_checkpoint
+    from checkpoint import load_checkpoint
     args = ["--init_from", base_run, "--peft", method, "--lora_r", "2", "--prefix_len", "3", "--prefix_hidden", "16",
             "--eval_interval", "3", "--warmup_iters", "0", "--learning_rate", "1e-2", "--lr_decay_iters", "6"]
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
@@ -395,34 +397,28 @@ def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, 
                          timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("def"), run.stderr[-1000:]
     # the run's out_dir alone is enough: its checkpoint points to the base
-    import sample
-    with_adapter = sample.model_from_checkpoint(load_checkpoint(straight), straight)
+    with_adapter = runs.load_run(straight)[0]
     assert isinstance(with_adapter.layers[0].attention.wq, peft.LoRALinear) if method == "lora" else \
         with_adapter.prefix_encoder is not None
 
 
 def test_sample_puts_a_qlora_adapter_on_an_nf4_base(base_run, char_dataset, tmp_path):
     import quant
-    import sample
-    from train import load_checkpoint
     out = str(tmp_path / "qlora")
     run_train(["--init_from", base_run, "--peft", "qlora", "--lora_r", "2", "--out_dir", out, "--max_iters", "2",
                "--eval_interval", "2"], char_dataset)
-    ckpt = load_checkpoint(out)
-    model = sample.model_from_checkpoint(ckpt, out)
-    assert sample.peft_method(ckpt) == "qlora" and quant.quantization_method(model) == "nf4-dq"
+    model, _, ckpt = runs.load_run(out)
+    assert ckpt["train_config"]["peft"] == "qlora" and quant.quantization_method(model) == "nf4-dq"
     assert isinstance(model.layers[0].feed_forward.w2.base, quant.NF4Linear)
 
 
 def test_a_peft_run_on_an_uptrained_gqa_model_samples_as_it_trained(base_run, char_dataset, tmp_path):
     """LoRA on a base converted from 2 kv heads to 1 (--kv_init mean): the adapter fits the
     converted model, which sample.py rebuilds from the base as --resume does."""
-    import sample
-    from train import load_checkpoint
     out = str(tmp_path / "mqa_lora")
     run_train(["--init_from", base_run, "--peft", "lora", "--lora_targets", "k,v", "--n_kv_head", "1",
                "--kv_init", "mean", "--out_dir", out, "--max_iters", "2", "--eval_interval", "2"], char_dataset)
-    model = sample.model_from_checkpoint(load_checkpoint(out), out)
+    model = runs.load_run(out)[0]
     assert model.config.n_kv_head == 1 and model.layers[0].attention.wk.lora_B.shape == (8, 8)
 
 

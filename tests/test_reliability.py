@@ -5,6 +5,7 @@ payload, and the table of bad inputs of the reliability issue, each answered wit
 `error: ...` line and exit status 1.
 """
 
+import glob
 import json
 import os
 import random
@@ -18,10 +19,11 @@ import pytest
 import torch
 
 import sample
+import checkpoint
 import train
 from conftest import ROOT
 from model import ModelConfig, Transformer
-from train import load_checkpoint
+from checkpoint import load_checkpoint
 
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--block_size", "32",
         "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1"]
@@ -72,9 +74,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(char_dataset, tm
 WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from train import save_checkpoint
+from checkpoint import save_checkpoint
 for i in range(1000):
-    save_checkpoint({{"model": {{"w": torch.full((40_000_000,), float(i))}}, "config": {{}}, "iter_num": i}}, {path!r})
+    save_checkpoint({{"model": {{"w": torch.full((40_000_000,), float(i))}}, "model_config": {{}}, "iter_num": i}}, {path!r})
     print(i, flush=True)
 """
 
@@ -87,19 +89,20 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     saved = int(proc.stdout.readline())  # one complete checkpoint (160 MB) is on disk
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the next one is partly written, then kill
-        size = os.path.getsize(path + ".tmp") if os.path.exists(path + ".tmp") else 0
+        temps = glob.glob(path + ".*.tmp")  # checkpoint.atomic_write's temporary file
+        size = os.path.getsize(temps[0]) if temps else 0
         if 0 < size < 100_000_000:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    partial = os.path.getsize(path + ".tmp")
+    partial = os.path.getsize(temps[0])
     assert 0 < partial < 160_000_000  # the kill did land inside a write
     ckpt = load_checkpoint(path)
     assert ckpt["iter_num"] >= saved and torch.equal(ckpt["model"]["w"], torch.full((40_000_000,),
                                                                                     float(ckpt["iter_num"])))
     with pytest.raises(ValueError, match="corrupt, truncated"):  # the partial file itself is refused
-        load_checkpoint(path + ".tmp")
+        load_checkpoint(temps[0])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(char_dataset, tmp_path, monkeypatch):
@@ -245,15 +248,15 @@ def test_sample_checkpoints_that_do_not_fit(trained, tmp_path, capsys):
     ckpt = load_checkpoint(trained)
     bad = tmp_path / "bad"
     shutil.copytree(trained, bad)
-    train.save_checkpoint({**ckpt, "config": {**ckpt["config"], "n_layer": 3}}, str(bad / "ckpt.pt"))
+    checkpoint.save_checkpoint({**ckpt, "model_config": {**ckpt["model_config"], "n_layer": 3}}, str(bad / "ckpt.pt"))
     err = one_error_line(capsys, sample.main, ["--out_dir", str(bad)])
     assert "does not match its own config: missing ['layers.2." in err
     err = one_error_line(capsys, sample.main, ["--out_dir", trained, "--eos_id", "100000"])
     assert "--eos_id 100000 is not a token id of this model" in err
     bit = tmp_path / "bit"
     shutil.copytree(trained, bit)
-    config = ModelConfig.from_dict({**ckpt["config"], "bitlinear": True})
-    train.save_checkpoint({**ckpt, "config": config.to_dict(), "model": Transformer(config).state_dict()},
+    config = ModelConfig.from_dict({**ckpt["model_config"], "bitlinear": True})
+    checkpoint.save_checkpoint({**ckpt, "model_config": config.to_dict(), "model": Transformer(config).state_dict()},
                           str(bit / "ckpt.pt"))
     err = one_error_line(capsys, sample.main, ["--out_dir", str(bit), "--quantize", "nf4"])
     assert "already quantized with bitlinear" in err

@@ -75,9 +75,9 @@ def test_debug_run_learns_and_writes_a_plain_checkpoint(char_dataset, tmp_path):
     history = run_train(["--out_dir", out, "--max_iters", "60", "--eval_interval", "30"], char_dataset)
     assert history["val_loss"][-1] < history["val_loss"][0] - 1.0  # 4.7 -> ~3 nats
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # plain data only
-    assert ckpt["iter_num"] == 60 and set(ckpt) >= {"model", "optimizer", "config", "rng", "train_config"}
-    assert ckpt["config"]["vocab_size"] == 128  # the debug preset's (>= the 110 characters)
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    assert ckpt["iter_num"] == 60 and set(ckpt) >= {"model", "optimizer", "model_config", "rng", "train_config"}
+    assert ckpt["model_config"]["vocab_size"] == 128  # the debug preset's (>= the 110 characters)
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     for name in ("loss.png", "meta.json"):
         assert os.path.exists(os.path.join(out, name))

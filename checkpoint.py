@@ -1,0 +1,101 @@
+"""Files on disk: every writer in the repo goes through `atomic_write`; checkpoints are
+read with weights_only=True (plain data: no code from the file runs).
+
+`atomic_write` writes: to a temporary name in the same directory,
+flushed to disk, then renamed over the final name. A crash at any moment leaves either
+the previous complete file or the new one, never half of one.
+"""
+
+import json
+import os
+import pickle
+import tempfile
+
+import torch
+
+
+# ----------------------------------------------------------------------------- writing
+def atomic_write(path, write, text=False):
+    """Call write(f) on a fresh temporary file beside `path`, fsync it, rename it over
+    `path` and fsync the directory, so the rename itself survives a power cut."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(obj, path):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), text=True)
+
+
+def read_json(path, what="file"):
+    """A JSON file, or one line saying which file is missing or malformed and where."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found ({what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def save_tensors(tensors, path, metadata=None):
+    """A dict of tensors as one safetensors file, written atomically."""
+    from safetensors.torch import save
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def save_checkpoint(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_figure(fig, path, dpi=110):
+    """A matplotlib figure as PNG, atomically, then closed."""
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- reading
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no code from the file runs), with clear errors."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence, not its advice
+        refused = " (refused: unpickling objects other than tensors and plain data could run code)" \
+            if isinstance(e, pickle.UnpicklingError) else ""
+        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a plain-data checkpoint{refused} "
+                         f"({type(e).__name__}: {reason})") from None
+    if isinstance(ckpt, dict) and "config" in ckpt and "model_config" not in ckpt:
+        ckpt["model_config"] = ckpt.pop("config")  # the key's name before 2026-11
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no 'model' and 'model_config' entries: not written by train.py")
+    return ckpt
+
+
+def check_same_config(ckpt_config, requested, path):
+    """A resumed run keeps its checkpoint's model: say which requested field differs."""
+    for key, value in requested.items():
+        if ckpt_config.get(key) != value:
+            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt_config.get(key)!r} but the config "
+                             f"asks for {key}={value!r}; drop that override or use another out_dir")

@@ -1,0 +1,148 @@
+"""A run on disk, rebuilt: `load_run(out_dir)` gives back the model and tokenizer of any
+train.py run (and of align.py's, which write the same layout).
+
+An out_dir holds ckpt.pt (weights, optimizer, RNG, the run's model_config and
+train_config), the tokenizer it was trained with (meta.json, tokenizer.tiktoken), and for
+a --peft run only the trainable tensors, a pointer to the base and the adapter alone in
+out_dir/adapter. Rebuilding applies, in train.py's order: the base (ours or Hugging
+Face's), any GQA conversion, quantization (QLoRA), then the adapters. train.py --resume,
+sample.py and the experiments all go through here.
+"""
+
+import os
+
+import safetensors.torch
+import torch
+
+import hf
+import peft
+import quant
+from checkpoint import check_same_config, load_checkpoint, read_json
+from data.tokenizer import load_tokenizer
+from model import ModelConfig, Transformer, convert_kv_heads
+
+
+def resolve_device(name):
+    """'auto' -> cuda when there is one, else cpu; an unknown or absent device is one line."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported here; use auto, cpu or cuda")
+    return device
+
+
+# ----------------------------------------------------------------------------- rebuilding a model
+def load_pretrained(path):
+    """(ModelConfig, state_dict) from our checkpoint (an out_dir or .pt) or a Hugging Face directory."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")):
+        model = Transformer.from_hf(path)
+        return model.config, model.state_dict()
+    ckpt = load_checkpoint(path)
+    return ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]
+
+
+def build_model(train_config, model_args, vocab_size, ckpt=None):
+    """The model of a run: resumed from ckpt, initialized from init_from, or fresh.
+
+    train_config is the run's TrainConfig as a dict (the checkpoint's "train_config");
+    model_args the ModelConfig fields set on the command line; vocab_size the tokenizer's.
+    """
+    tc = train_config
+    if ckpt is not None and tc["peft"]:  # a PEFT run: rebuild it from the base it points to
+        check_same_config(ckpt["model_config"], model_args, tc["out_dir"])
+        tc = {**tc, "init_from": ckpt["base"]}
+    elif ckpt is not None:  # resume: the checkpoint's shapes; command-line model fields must agree
+        check_same_config(ckpt["model_config"], model_args, tc["out_dir"])
+        return Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+    if tc["init_from"]:
+        base, state = load_pretrained(tc["init_from"])
+        n_kv_head = model_args.get("n_kv_head", base.n_kv_head)
+        if n_kv_head != base.n_kv_head and not tc["kv_init"]:
+            raise ValueError(f"--init_from {tc['init_from']} has n_kv_head={base.n_kv_head}; to uptrain it with "
+                             f"n_kv_head={n_kv_head} say how to build the new heads: --kv_init mean|first|random")
+        try:
+            model = Transformer(ModelConfig.from_dict({**base.to_dict(), **model_args, "n_kv_head": base.n_kv_head}))
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"--init_from {tc['init_from']}: the overrides {model_args} change the shape of "
+                             f"the pretrained weights ({str(e).splitlines()[1].strip()})") from None
+        if n_kv_head != base.n_kv_head:  # GQA uptraining: pool the checkpoint's kv heads
+            model = convert_kv_heads(model, n_kv_head, tc["kv_init"])
+    else:
+        if model_args.get("vocab_size", vocab_size) < vocab_size:
+            raise ValueError(f"vocab_size={model_args['vocab_size']} is smaller than the tokenizer's "
+                             f"{vocab_size} tokens")
+        preset = ModelConfig.from_name(tc["model"])
+        args = {"vocab_size": max(preset.vocab_size, vocab_size), **model_args}
+        model = Transformer(ModelConfig.from_name(tc["model"], **args))
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                         f"{vocab_size} tokens ({tc['dataset']}); use a dataset made with the model's tokenizer")
+    return apply_peft(model, tc) if tc["peft"] else model
+
+
+def apply_peft(model, tc):
+    """--peft: freeze the pretrained model and add trainable adapters (peft.py)."""
+    if tc["peft"] == "prefix":
+        return peft.apply_prefix(model, tc["prefix_len"], tc["prefix_hidden"])
+    if tc["peft"] == "qlora":  # QLoRA section 3: NF4 + double-quantized base, LoRA on every linear layer
+        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(resolve_device(tc["device"])))
+    targets = "all" if tc["peft"] == "qlora" else tc["lora_targets"]
+    return peft.apply_lora(model, tc["lora_r"], tc["lora_alpha"], targets, tc["lora_dropout"])
+
+
+def load_run(out_dir, device="cpu"):
+    """(model, tokenizer, ckpt) of a train.py run: the model as the run trained it, in eval mode.
+
+    A --peft run saved only its trainable tensors and a pointer to the base: the base is
+    loaded, converted and quantized as the run did, then the adapter's tensors go in.
+    """
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    tc = ckpt["train_config"]
+    if tc.get("peft"):
+        config = ckpt["model_config"]  # the converted model's (n_kv_head after GQA uptraining)
+        model = build_model({**tc, "out_dir": out_dir}, config, config["vocab_size"], ckpt)
+        model.load_state_dict({**model.state_dict(), **ckpt["model"]})
+    else:
+        model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{out_dir}/ckpt.pt does not match its own config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    return model.to(device).eval(), load_tokenizer(out_dir), ckpt
+
+
+# ----------------------------------------------------------------------------- adapters
+def save_adapter(model, path, base_path=""):
+    """The adapter alone: LoRA in the HF PEFT layout (hf.py), a prefix in ours (peft.py)."""
+    if model.peft_config["peft"] == "prefix":
+        peft.save_prefix(model, path)
+    else:
+        hf.save_lora(model, path, base_path=base_path)
+
+
+def load_adapter(model, path):
+    """Load whatever adapter `path` holds (LoRA in HF PEFT layout, or a folded prefix)."""
+    kind = read_json(os.path.join(path, "adapter_config.json")).get("peft_type")
+    if kind == "LORA":
+        return hf.load_lora(model, path)
+    if kind == "PREFIX_KV":
+        kv = safetensors.torch.load_file(os.path.join(path, "prefix.safetensors"))["prefix_kv"]
+        c = model.config
+        if kv.shape[:3] != (c.n_layer, 2, c.n_kv_head) or kv.shape[4] != c.head_dim:
+            raise ValueError(f"{path}: prefix of shape {tuple(kv.shape)} does not fit this model "
+                             f"(n_layer={c.n_layer}, n_kv_head={c.n_kv_head}, head_dim={c.head_dim})")
+        peft.freeze(model)
+        w = model.tok_embeddings.weight
+        peft.attach_prefix(model, peft.PrefixKV(kv.to(w.device, w.dtype)))
+        model.peft_config = {"peft": "prefix", "prefix_len": kv.shape[3], "reparam_hidden": 0}
+        return model
+    raise ValueError(f"{path}: unknown adapter type {kind!r} (expected LORA or PREFIX_KV)")
