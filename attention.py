@@ -1,6 +1,6 @@
 r"""Causal self-attention with grouped key/value heads, rotary positions and a KV cache.
 
-Papers (summaries in PAPERS.md):
+Papers:
   - Attention Is All You Need (arXiv:1706.03762), section 3.2.1: softmax(QK^T / sqrt(d)) V.
   - RoFormer (arXiv:2104.09864), section 3.4: rotary position embedding (RoPE).
   - Fast Transformer Decoding (MQA, arXiv:1911.02150) and GQA (arXiv:2305.13245),
@@ -181,7 +181,6 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.attn_impl = config.attn_impl  # "sdpa" (fused) or "math" (explicit)
         self.dropout = config.dropout
-        self.sparse = (config.sparse_local, config.sparse_stride)  # (0, 0): dense causal attention
         self.save_weights = False  # set True to keep the last attention weights (math path)
         self.weights = None
         # Prefix-tuning hook (peft.apply_prefix sets it): a callable B -> (k, v), each
@@ -190,7 +189,11 @@ class CausalSelfAttention(nn.Module):
         self.prefix = None
 
     def forward(self, x, cos, sin, cache=None, mask=None):
-        """x: (B, T, C); cos, sin: (T, hd) for the T positions; cache: KVCache or None."""
+        """x: (B, T, C); cos, sin: (T, hd) for the T positions; cache: KVCache or None;
+        mask: (T, S) bool, True where a query may read a key, or None for plain causal.
+
+        project -> rotate (RoPE) -> prepend the prefix / append to the cache -> attend.
+        """
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
@@ -203,10 +206,6 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv_head, S, hd): everything so far
 
-        if mask is None and any(self.sparse):  # the same boolean mask for both paths
-            P = self.prefix.prefix_len if self.prefix is not None else 0  # every query reads the prefix
-            text = sparse_causal_mask(T, k.shape[2] - P, *self.sparse, device=x.device)  # (T, S - P)
-            mask = torch.cat([text.new_ones(T, P), text], dim=1)  # (T, S)
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "math":
             y, att = math_attention(q, k, v, mask, dropout_p)

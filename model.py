@@ -1,12 +1,13 @@
 """A Llama-style decoder-only transformer, small to large: config, RMSNorm, SwiGLU, Block,
-Transformer; then generation, FLOPs and the Hugging Face checkpoint exchange.
+Transformer, generation; then parameter and FLOP counts and GQA uptraining.
 
-Papers (summaries in PAPERS.md):
+Papers:
   - LLaMA (arXiv:2302.13971) section 2.2 and Llama 2 (arXiv:2307.09288): pre-norm RMSNorm,
     SwiGLU, RoPE, no biases; GQA in the larger Llama 2 models.
   - RMSNorm (arXiv:1910.07467) eq. 4; SwiGLU (arXiv:2002.05202) eq. 6.
   - PaLM (arXiv:2204.02311) section 2: parallel block, shared input/output embeddings;
     appendix B: model FLOPs utilization (MFU).
+  - GQA (arXiv:2305.13245) section 2: uptraining MHA checkpoints to fewer kv heads.
   - TinyLlama (arXiv:2401.02385): the `tinyllama_1b` preset.
   - GPT-2 (Radford et al. 2019) section 2.3: residual projections initialized with a
     1/sqrt(number of residual layers) scale.
@@ -19,8 +20,8 @@ Glossary, one vocabulary for one idea:
   intermediate_size  (hidden_dim)   intermediate_size intermediate_size
   block_size         max_seq_len    block_size        max_position_embeddings
   norm_eps           norm_eps       norm_eps          rms_norm_eps
-Module names follow Meta's llama (wq wk wv wo, w1 w2 w3); `HF_NAMES` maps them to
-Hugging Face's once.
+Module names follow Meta's llama (wq wk wv wo, w1 w2 w3); hf.py maps them to Hugging
+Face's once.
 """
 
 import math
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import CausalSelfAttention, KVCache, rope_cache
+import quant
+from attention import CausalSelfAttention, KVCache, rope_cache, sparse_causal_mask
 
 
 # ----------------------------------------------------------------------------- config
@@ -58,38 +60,23 @@ class ModelConfig:
     sparse_stride: int = 0  # ...and every sparse_stride-th one before them; both 0: dense attention
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "multiple_of"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"each head gets n_embd // n_head features; pick n_head among the divisors of {self.n_embd}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head}): each key/value "
-                f"head serves a group of n_head // n_kv_head query heads; pick n_kv_head among the divisors "
-                f"of {self.n_head}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim = n_embd // n_head = {self.head_dim} must be even for RoPE's feature pairs")
-        if self.intermediate_size < 0:
-            raise ValueError(f"intermediate_size must be positive (or 0 for the default), got {self.intermediate_size}")
         if self.intermediate_size == 0:  # Llama: 2/3 of 4d, rounded up to a multiple (d=2048 -> 5632)
             self.intermediate_size = self.multiple_of * math.ceil(int(2 * 4 * self.n_embd / 3) / self.multiple_of)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attn_impl not in ("sdpa", "math"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError("rope_theta and norm_eps must be positive")
-        if self.sparse_local < 0 or self.sparse_stride < 0:
-            raise ValueError(f"sparse_local and sparse_stride must be >= 0 (0: dense), got "
-                             f"{self.sparse_local} and {self.sparse_stride}")
-        for width in (self.n_embd, self.intermediate_size):
-            if self.bitlinear and (self.bitlinear_groups < 1 or width % self.bitlinear_groups):
-                raise ValueError(f"bitlinear_groups={self.bitlinear_groups} must be >= 1 and divide the input "
-                                 f"width of every linear layer (n_embd={self.n_embd}, intermediate_size="
-                                 f"{self.intermediate_size})")
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "multiple_of",
+                     "intermediate_size", "bitlinear_groups"):
+            check(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)}")
+        check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}):"
+              f" each head gets n_embd // n_head features")
+        check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head "
+              f"({self.n_kv_head}): each kv head serves a group of n_head // n_kv_head query heads")
+        check(self.head_dim % 2 == 0, f"head_dim = n_embd // n_head = {self.head_dim} must be even (RoPE pairs)")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.attn_impl in ("sdpa", "math"), f"attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
+        check(self.rope_theta > 0 and self.norm_eps > 0, "rope_theta and norm_eps must be positive")
+        check(self.sparse_local >= 0 and self.sparse_stride >= 0, "sparse_local and sparse_stride must be >= 0")
+        check(not self.bitlinear or (self.n_embd % self.bitlinear_groups == 0 and self.intermediate_size %
+              self.bitlinear_groups == 0), f"bitlinear_groups={self.bitlinear_groups} must divide n_embd and "
+              f"intermediate_size, the input widths of the linear layers")
 
     @property
     def head_dim(self):
@@ -97,8 +84,7 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"unknown model config {name!r}; known configs: {', '.join(PRESETS)}")
+        check(name in PRESETS, f"unknown model config {name!r}; known configs: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self):
@@ -106,11 +92,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        check(not unknown, f"unknown model config fields {sorted(unknown)}")
         return cls(**d)
+
+
+def check(condition, message):
+    """Bad input is one ValueError that says what was wrong and how to fix it."""
+    if not condition:
+        raise ValueError(message)
 
 
 PRESETS = {
@@ -193,7 +183,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.bitlinear:  # BitNet section 2: only the blocks' linears; embeddings and head stay
-            import quant
             quant.replace_linears(self.layers, lambda lin: quant.BitLinear(
                 lin.in_features, lin.out_features, config.bitlinear_groups, config.bitlinear_ternary,
                 device=lin.weight.device))
@@ -243,12 +232,24 @@ class Transformer(nn.Module):
         if start_pos + T > self.config.block_size:
             raise ValueError(f"positions up to {start_pos + T} exceed the context block_size="
                              f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
+        if mask is None and (self.config.sparse_local or self.config.sparse_stride):
+            mask = self.sparse_mask(T, caches[0].length if caches is not None else 0, x.device)
         x = F.dropout(x, self.config.dropout, self.training)
         cos = self.rope_cos[start_pos:start_pos + T]  # (T, hd)
         sin = self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, mask)
         return self.norm(x)
+
+    def sparse_mask(self, T, cached, device):
+        """The (T, S) mask every layer shares: the Sparse Transformer's pattern over the text,
+        and every query reads the prefix (prefix-tuning's P keys, written into the cache
+        with the first tokens)."""
+        prefix = self.layers[0].attention.prefix
+        P = prefix.prefix_len if prefix is not None else 0
+        text = T + (cached - P if cached else 0)  # text keys visible: cached ones and the new T
+        sparse = sparse_causal_mask(T, text, self.config.sparse_local, self.config.sparse_stride, device)  # (T, text)
+        return torch.cat([sparse.new_ones(T, P), sparse], dim=1)  # (T, P + text)
 
     # ------------------------------------------------------------------------- generation
     def new_kv_caches(self, batch_size, dtype=None):

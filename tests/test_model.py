@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from model import (PRESETS, ModelConfig, RMSNorm, Transformer, count_params, flops_per_token, sample_next)
+from model import ModelConfig, RMSNorm, Transformer, count_params, flops_per_token, sample_next
 
 
 # ----------------------------------------------------------------------------- config
@@ -59,6 +59,64 @@ def test_rmsnorm_is_the_papers_formula():
     reference = torch.nn.RMSNorm(16, eps=1e-5)
     reference.weight.data = norm.weight.data
     assert torch.allclose(norm(x), reference(x), atol=1e-6)
+
+
+def llama_forward_from_the_papers(model, idx):
+    """The forward pass written out from LLaMA section 2.2, head by head and token by token,
+    using only the model's weights: RMSNorm (eq. 4 of arXiv:1910.07467) before each
+    sub-layer, RoPE (RoFormer eq. 34, pairs (i, i + hd/2)), causal softmax attention with
+    kv head h // n_rep for query head h, SwiGLU w2(silu(x w1) * (x w3)), final norm, head."""
+    c = model.config
+    H, G, hd = c.n_head, c.n_kv_head, c.head_dim
+    W = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def rmsnorm(x, g):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.norm_eps) * g
+
+    def rope(v, m):  # rotate each pair (v_i, v_{i+hd/2}) of one head's vector by m * theta_i
+        out = v.clone()
+        for i in range(hd // 2):
+            a = m * c.rope_theta ** (-2 * i / hd)
+            out[i] = v[i] * math.cos(a) - v[i + hd // 2] * math.sin(a)
+            out[i + hd // 2] = v[i + hd // 2] * math.cos(a) + v[i] * math.sin(a)
+        return out
+
+    B, T = idx.shape
+    x = W["tok_embeddings.weight"][idx]  # (B, T, C)
+    for layer in range(c.n_layer):
+        p = f"layers.{layer}."
+        h = rmsnorm(x, W[p + "attention_norm.weight"])
+        q = (h @ W[p + "attention.wq.weight"].T).view(B, T, H, hd)
+        k = (h @ W[p + "attention.wk.weight"].T).view(B, T, G, hd)
+        v = (h @ W[p + "attention.wv.weight"].T).view(B, T, G, hd)
+        heads = torch.zeros(B, T, H, hd)
+        for b in range(B):
+            for head in range(H):
+                g = head // (H // G)
+                for t in range(T):
+                    qt = rope(q[b, t, head], t)
+                    scores = torch.stack([qt @ rope(k[b, s, g], s) for s in range(t + 1)]) / math.sqrt(hd)
+                    heads[b, t, head] = torch.softmax(scores, 0) @ v[b, :t + 1, g]
+        x = x + heads.reshape(B, T, H * hd) @ W[p + "attention.wo.weight"].T
+        h = rmsnorm(x, W[p + "ffn_norm.weight"])
+        gate, up = h @ W[p + "feed_forward.w1.weight"].T, h @ W[p + "feed_forward.w3.weight"].T
+        x = x + (F.silu(gate) * up) @ W[p + "feed_forward.w2.weight"].T
+    return rmsnorm(x, W["norm.weight"]) @ W["output.weight"].T
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+def test_forward_equals_the_papers_equations_written_out(attn_impl):
+    """Golden test without optional packages: catches swapped SwiGLU projections, a
+    misplaced norm, the other RoPE pairing, a wrong GQA grouping or non-causal attention."""
+    model = Transformer(tiny_config(n_embd=32, n_head=4, n_kv_head=2, attn_impl=attn_impl)).eval()
+    with torch.no_grad():  # gains away from 1, so a norm in the wrong place changes the output
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    idx = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        ours = model(idx)[0]
+    assert (ours - llama_forward_from_the_papers(model, idx)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
