@@ -9,7 +9,7 @@ Timings alternate between the contenders (ours, theirs, ours, theirs, ...) insid
 process and report the median of each, so a noisy machine slows both alike; the
 ratios are the result, the absolute figures are for this machine only. MFU divides the
 model FLOPs (model.flops_per_token, PaLM appendix B) by the peak fp32 matmul rate of this
-machine, measured in the same run (train.peak_flops). Results are also written to
+machine, measured in the same run (plan.peak_flops). Results are also written to
 bench.json in --out_dir.
 """
 
@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from hf import config_to_hf, hf_module_name
-from model import ModelConfig, Transformer, flops_per_token
+from model import ModelConfig, Transformer, count_params, flops_per_token
 from sample import column_major
-from train import TrainConfig, estimate_memory, format_bytes, make_optimizer, peak_flops
+from plan import estimate_memory, format_bytes, peak_flops
+from checkpoint import write_json
+from runs import resolve_device
+from train import TrainConfig, check_out_dir, make_optimizer
 
 # the two training shapes of the performance issue: the demo preset and a larger one
 TRAIN_CASES = {
@@ -96,12 +99,12 @@ def bench_train(cases, rounds, peak, compile_too=False, only=None):
         t = alternate(contenders, rounds)
         tokens = batch * T
         flops = flops_per_token(config, T) * tokens
-        row = {"case": name, "params": ours.num_params(), "tokens_per_step": tokens}
+        row = {"case": name, "params": count_params(ours.config), "tokens_per_step": tokens}
         for who, sec in t.items():
             row[who] = {"ms": 1000 * sec, "tok_s": tokens / sec, "mfu": flops / sec / peak}
         row["speedup_vs_transformers"] = t["transformers"] / t["ours"]
         results.append(row)
-        print(f"train step | {name} | {ours.num_params():,} params")
+        print(f"train step | {name} | {count_params(ours.config):,} params")
         for who, sec in t.items():
             print(f"  {who:22s} {1000 * sec:8.1f} ms  {tokens / sec:9,.0f} tok/s  MFU {100 * flops / sec / peak:5.1f}%")
         print(f"  ours / transformers: {row['speedup_vs_transformers']:.2f}x faster")
@@ -293,8 +296,10 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time training and decoding under torch.compile")
     p.add_argument("--case", help="only the training cases whose name contains this (e.g. demo)")
     p.add_argument("--out_dir", default="out")
+    p.add_argument("--device", default="cpu", help="cpu (the comparisons here are CPU measurements)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.quick = args.quick or bool(os.environ.get("NANO_QUICK"))  # the documentation test
     if args.child:
         return child(json.loads(args.child))
     sections = set(args.only.split(","))
@@ -302,6 +307,12 @@ def main():
     if unknown:
         raise SystemExit(f"error: unknown section(s) {sorted(unknown)}; choose from train, decode, kv, memory, "
                          f"tinyllama")
+    try:  # before any long run: a bad device or an unwritable out_dir is one line now, not at the end
+        resolve_device(args.device)
+        check_out_dir(args.out_dir, 0)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     rounds = 2 if args.quick else args.rounds
     peak = peak_flops(torch.device("cpu"), torch.float32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured fp32 matmul peak "
@@ -327,9 +338,7 @@ def main():
         report["tinyllama_qlora"] = got
         print(f"  tinyllama_1b  1x256 QLoRA (NF4+DQ base, LoRA r=8 on all projections, paged AdamW): "
               f"measured {format_bytes(got['peak_bytes'])}, step {got['step_s']:.1f} s")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, os.path.join(args.out_dir, "bench.json"))
     print(f"wrote {os.path.join(args.out_dir, 'bench.json')}")
 
 

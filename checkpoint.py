@@ -6,9 +6,12 @@ flushed to disk, then renamed over the final name. A crash at any moment leaves 
 the previous complete file or the new one, never half of one.
 """
 
+import fcntl
+import hashlib
 import json
 import os
 import pickle
+import socket
 import tempfile
 
 import torch
@@ -99,3 +102,54 @@ def check_same_config(ckpt_config, requested, path):
         if ckpt_config.get(key) != value:
             raise ValueError(f"checkpoint {path} was trained with {key}={ckpt_config.get(key)!r} but the config "
                              f"asks for {key}={value!r}; drop that override or use another out_dir")
+
+
+def fingerprint(paths):
+    """sha256 of the files' names and contents (missing files count as absent): the
+    identity of a tokenizer (meta.json, tokenizer.tiktoken) or of a base checkpoint."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        if os.path.exists(path):
+            h.update(os.path.basename(path).encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(folder):
+    return fingerprint([os.path.join(folder, n) for n in ("meta.json", "tokenizer.tiktoken")])
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+def lock_out_dir(out_dir):
+    """Hold out_dir/.lock (an fcntl lock, with our pid written in it) until the process
+    exits. A second run into the same out_dir is refused with the holder's pid; the
+    kernel drops the lock of a process that died, so a stale lock file never blocks."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"out_dir {out_dir} is in use by {holder}; wait for it to finish or choose "
+                           f"another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _locks[os.path.abspath(out_dir)] = f  # kept open: closing the file would release the lock
+    return f
+
+
+def unlock_out_dir(out_dir):
+    f = _locks.pop(os.path.abspath(out_dir), None)
+    if f is not None:
+        f.truncate(0)
+        f.close()
+
+
+_locks = {}

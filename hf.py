@@ -43,32 +43,57 @@ def hf_module_name(name):
     return HF_NAMES[m[1]] + (m[2] or "")
 
 
-def config_from_hf(hf):
-    """A Hugging Face config.json dict -> ModelConfig, refusing what this model cannot represent."""
+def config_from_hf(hf, path="config.json"):
+    """A Hugging Face config.json dict -> ModelConfig. Every field that changes the math is
+    read or refused, in each spelling transformers writes (RoPE as `rope_parameters`,
+    `rope_scaling` or a top-level `rope_theta`); a missing or ill-typed field is one line
+    naming the file and the field."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is not a JSON object")
     arch = hf.get("architectures") or [hf.get("model_type", "?")]
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
-        raise ValueError(f"unsupported architecture {arch[0]!r} (model_type {hf.get('model_type')!r}): "
+        raise ValueError(f"{path}: unsupported architecture {arch[0]!r} (model_type {hf.get('model_type')!r}): "
                          f"this loader reads Llama-format checkpoints (LlamaForCausalLM)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+    def field(name, kind, default=None):
+        value = hf.get(name, default)
+        if value is None:
+            raise ValueError(f"{path}: field {name!r} is missing")
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise ValueError(f"{path}: field {name!r} must be {kind.__name__}, got {value!r}")
+        return value
+
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # both spellings
     problems = []
-    if hf.get("hidden_act", "silu") != "silu":
+    if field("hidden_act", str, "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu', SwiGLU)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
+    if field("attention_bias", bool, False) or field("mlp_bias", bool, False):
         problems.append("biases in attention or MLP (this model has none)")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    if field("attention_dropout", float, 0.0):
+        problems.append(f"attention_dropout={hf['attention_dropout']} (dropout on attention weights)")
+    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
         problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} (only plain RoPE)")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (RoPE on every feature only)")
+    n_embd, n_head = field("hidden_size", int), field("num_attention_heads", int)
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
         problems.append(f"head_dim={head_dim} with hidden_size != num_attention_heads * head_dim")
     if problems:
-        raise ValueError("unsupported Llama variant: " + "; ".join(problems))
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"], n_head=hf["num_attention_heads"],
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        raise ValueError(f"{path}: unsupported Llama variant: " + "; ".join(problems))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ValueError(f"{path}: field 'rope_theta' must be float, got {theta!r}")
+    try:
+        return ModelConfig(
+            vocab_size=field("vocab_size", int), block_size=field("max_position_embeddings", int, 2048),
+            n_layer=field("num_hidden_layers", int), n_embd=n_embd, n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") and field("num_key_value_heads", int) or n_head,
+            intermediate_size=field("intermediate_size", int), rope_theta=float(theta),
+            norm_eps=float(field("rms_norm_eps", float, 1e-6)),
+            tie_embeddings=field("tie_word_embeddings", bool, False))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def config_to_hf(config, dtype=torch.float32):
@@ -143,8 +168,7 @@ def load_llama(path, dtype=torch.float32, device="cpu"):
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint directory has a config.json")
-    with open(config_path) as f:
-        config = config_from_hf(json.load(f))
+    config = config_from_hf(read_json(config_path, "a Hugging Face checkpoint directory has one"), config_path)
     theirs = load_hf_state_dict(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -155,6 +179,9 @@ def load_llama(path, dtype=torch.float32, device="cpu"):
         hf = hf_module_name(name)
         if hf not in theirs:
             raise ValueError(f"{path}: tensor {hf!r} is missing from the checkpoint")
+        if theirs[hf].shape != model.state_dict()[name].shape:
+            raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(theirs[hf].shape)} but config.json implies "
+                             f"{tuple(model.state_dict()[name].shape)}")
         ours[name] = theirs.pop(hf).to(dtype)
     if config.tie_embeddings:
         theirs.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
@@ -215,7 +242,9 @@ def save_lora(model, path, base_path=""):
 
 def read_lora_config(path):
     """adapter_config.json of an HF PEFT LoRA adapter, refusing what plain LoRA here cannot load."""
-    hf_config = read_json(os.path.join(path, "adapter_config.json"))
+    hf_config = read_json(os.path.join(path, "adapter_config.json"), "an adapter directory holds adapter_config.json")
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path}/adapter_config.json is not a JSON object")
     if hf_config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {hf_config.get('peft_type')!r} is not a LoRA adapter")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
@@ -223,9 +252,18 @@ def read_lora_config(path):
             raise ValueError(f"{path}: {key}=true is not supported here (plain LoRA only)")
     if hf_config.get("bias", "none") != "none" or hf_config.get("rank_pattern") or hf_config.get("alpha_pattern"):
         raise ValueError(f"{path}: LoRA biases and per-layer rank/alpha patterns are not supported")
-    for key in ("r", "lora_alpha", "target_modules"):
+    for key, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (list, str))):
         if key not in hf_config:
             raise ValueError(f"{path}/adapter_config.json has no {key!r}: not a LoRA adapter config")
+        if not isinstance(hf_config[key], kind) or isinstance(hf_config[key], bool):
+            raise ValueError(f"{path}/adapter_config.json: {key} is {hf_config[key]!r}, not a "
+                             f"{getattr(kind, '__name__', 'number' if key == 'lora_alpha' else 'list of names')}")
+    if hf_config["r"] < 1 or hf_config["lora_alpha"] <= 0:
+        raise ValueError(f"{path}/adapter_config.json: r must be >= 1 and lora_alpha > 0, got r={hf_config['r']}, "
+                         f"lora_alpha={hf_config['lora_alpha']}")
+    dropout = hf_config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{path}/adapter_config.json: lora_dropout must be a number in [0, 1), got {dropout!r}")
     return hf_config
 
 

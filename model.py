@@ -107,6 +107,8 @@ PRESETS = {
     # TinyLlama-1.1B (arXiv:2401.02385, table 1): 1,100,048,384 parameters.
     "tinyllama_1b": dict(vocab_size=32000, block_size=2048, n_layer=22, n_embd=2048, n_head=32, n_kv_head=4,
                          intermediate_size=5632, rope_theta=10000.0, norm_eps=1e-5),
+    # 0.8M parameters over characters: the README's first run (train.py --config first), ~3 minutes on 2 cores
+    "first": dict(vocab_size=128, block_size=128, n_layer=4, n_embd=128, n_head=4, n_kv_head=2),
     # A 12.6M-parameter GQA model that trains on a laptop CPU (BPE vocabulary of 4096).
     "demo": dict(vocab_size=4096, block_size=256, n_layer=6, n_embd=384, n_head=6, n_kv_head=2),
     # A few hundred thousand parameters: trains in seconds, for tests and smoke runs.
@@ -314,9 +316,6 @@ class Transformer(nn.Module):
         return torch.cat([idx[:, -self.config.block_size:]] + [t[:, None] for t in new], dim=1)
 
     # ------------------------------------------------------------------------- checkpoints
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
     @classmethod
     def from_hf(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face Llama checkpoint directory or Hub id (hf.py)."""
@@ -330,8 +329,8 @@ class Transformer(nn.Module):
 
 
 def check_sampling_args(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -347,6 +346,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"temperature {temperature} is so small that logits / temperature overflow; "
+                         f"use --temperature 0 for greedy decoding")
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -360,14 +362,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- FLOPs
+# ----------------------------------------------------------------------------- parameters and FLOPs
+def block_linear_shapes(config):
+    """(out, in) of each linear layer of one block: the one place the block's shapes are derived."""
+    C, I, q, kv = config.n_embd, config.intermediate_size, config.n_head * config.head_dim, \
+        config.n_kv_head * config.head_dim
+    return {"attention.wq": (q, C), "attention.wk": (kv, C), "attention.wv": (kv, C), "attention.wo": (C, q),
+            "feed_forward.w1": (I, C), "feed_forward.w3": (I, C), "feed_forward.w2": (C, I)}
+
+
 def count_params(config):
-    """Parameter count from the config alone (no weights allocated)."""
-    C, L, V, I = config.n_embd, config.n_layer, config.vocab_size, config.intermediate_size
-    attn = C * config.n_head * config.head_dim * 2 + C * config.n_kv_head * config.head_dim * 2
+    """Parameter count from the config alone (no weights allocated); equals Transformer(config).num_params()."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    linears = sum(o * i for o, i in block_linear_shapes(config).values())
     norms = C if config.parallel_block else 2 * C
     head = 0 if config.tie_embeddings else V * C
-    return V * C + L * (attn + 3 * C * I + norms) + C + head
+    return V * C + L * (linears + norms) + C + head
 
 
 def flops_per_token(config, seq_len=None):

@@ -83,8 +83,8 @@ class LoRALinear(nn.Module):
         A plain fp32 nn.Linear merges in place (unmerge subtracts; equal to ~1e-7). In bf16
         or fp16 the sum is rounded, so W0 is kept to make unmerge exact. A quantized base
         cannot hold W0 + BA exactly: it is dequantized, updated and quantized again, which
-        changes the outputs; that error is measured on a probe batch and reported in a
-        warning, and the original base is kept so that unmerge restores it exactly.
+        changes the outputs (a warning says so; experiments/finetune.py measures by how
+        much), and the original base is kept so that unmerge restores it exactly.
         """
         if self.merged:
             return
@@ -92,16 +92,11 @@ class LoRALinear(nn.Module):
             if self.base.weight.dtype != torch.float32:
                 self._w0 = self.base.weight.detach().clone()
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-        else:
-            probe = torch.randn(64, self.in_features, generator=torch.Generator().manual_seed(0))
-            probe = probe.to(self.lora_A.device, self.lora_A.dtype)
-            before = self.forward(probe)  # base + adapter, unmerged
+        else:  # a quantized layer: a new one holding the merged weight (quant.py's with_weight)
             self._quantized_base = (self.base,)
-            self.base = requantize(self.base, base_weight(self.base).float() + self.delta_weight().float())
-            error = (self.base(probe).float() - before.float()).abs().mean() / before.float().abs().mean()
-            warnings.warn(f"merging LoRA into a {type(self._quantized_base[0]).__name__} base re-quantizes its weight: "
-                          f"mean relative output error {error.item():.2e} on a probe batch; keep the adapter "
-                          f"unmerged for exact outputs", stacklevel=3)
+            self.base = self.base.with_weight(self.base.dequantize().float() + self.delta_weight().float())
+            warnings.warn(f"merging LoRA into a {type(self._quantized_base[0]).__name__} base re-quantizes its weight, "
+                          f"which changes the outputs; keep the adapter unmerged for exact outputs", stacklevel=3)
         self.merged = True
 
     @torch.no_grad()
@@ -118,26 +113,6 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
-def base_weight(base):
-    """The (out, in) weight a layer multiplies by: dequantized for NF4/int8, latent for BitLinear."""
-    return base.dequantize() if hasattr(base, "dequantize") else base.weight
-
-
-def requantize(base, weight):
-    """A new layer of base's type holding `weight` (out, in), built by its from_linear."""
-    linear = nn.Linear(base.in_features, base.out_features, bias=False, device=weight.device)
-    linear.weight.data = weight
-    if hasattr(base, "blocksize"):  # quant.NF4Linear
-        return type(base).from_linear(linear, base.blocksize, base.double_quant, base.compute_dtype)
-    if hasattr(base, "quantize_activations"):  # quant.Int8Linear
-        return type(base).from_linear(linear, base.quantize_activations)
-    new = type(base)(base.in_features, base.out_features, **{k: getattr(base, k) for k in ("groups", "ternary")
-                                                             if hasattr(base, k)})
-    new.weight.data = weight.to(base.weight.dtype)  # BitLinear: the latent weight
-    freeze(new)
-    return new.to(weight.device)
-
-
 def parse_targets(targets):
     """("q", "v") or "q,v" or "all" -> module names inside a Block, with a clear error."""
     if isinstance(targets, str):
@@ -145,6 +120,9 @@ def parse_targets(targets):
     if "all" in targets:
         return list(TARGETS.values())
     unknown = [t for t in targets if t not in TARGETS]
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise ValueError(f"LoRA targets {twice} are named more than once (LoRA would wrap LoRA); name each once")
     if unknown or not targets:
         raise ValueError(f"unknown LoRA targets {unknown or targets}; valid names: {', '.join(TARGETS)} "
                          f"or 'all' (q k v o = attention wq wk wv wo; gate up down = feed_forward w1 w3 w2)")
@@ -186,11 +164,6 @@ def unmerge_lora(model):
     for m in lora_layers(model):
         m.unmerge()
     return model
-
-
-def trainable_state_dict(model):
-    """Only the parameters that train: what a PEFT checkpoint needs besides a pointer to the base."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def count_trainable(model):
@@ -347,35 +320,3 @@ class PagedAdamW(torch.optim.Optimizer):
 def memory_order(t):
     """A 1-D view of a dense tensor's elements in the order they lie in memory (for paging)."""
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-# ----------------------------------------------------------------------------- memory accounting
-def finetune_memory(config, r=64, targets="all", base_bits=16):
-    """Bytes of a fine-tuning setup from shapes alone (no weights allocated), QLoRA section 3.
-
-    base: the block linears in 16 bits, or in NF4 + double quantization (base_bits=4, sizes
-    from quant.nf4_nbytes); embeddings, head and norms in 16 bits. Adapters and all
-    gradients in 16 bits; AdamW keeps two fp32 moments per trainable parameter. r=0 is full
-    fine-tuning (every parameter trains). Activations are left out: they depend on the batch.
-    """
-    from model import count_params
-
-    c = config
-    shapes = {"attention.wq": (c.n_head * c.head_dim, c.n_embd), "attention.wk": (c.n_kv_head * c.head_dim, c.n_embd),
-              "attention.wv": (c.n_kv_head * c.head_dim, c.n_embd), "attention.wo": (c.n_embd, c.n_head * c.head_dim),
-              "feed_forward.w1": (c.intermediate_size, c.n_embd), "feed_forward.w3": (c.intermediate_size, c.n_embd),
-              "feed_forward.w2": (c.n_embd, c.intermediate_size)}
-    n_all = count_params(c)
-    n_block_linear = c.n_layer * sum(o * i for o, i in shapes.values())
-    if base_bits == 4:
-        import quant
-        base = c.n_layer * sum(quant.nf4_nbytes(o * i) for o, i in shapes.values()) + 2 * (n_all - n_block_linear)
-    elif base_bits == 16:
-        base = 2 * n_all
-    else:
-        raise ValueError(f"base_bits must be 16 or 4 (NF4), got {base_bits}")
-    names = parse_targets(targets)
-    trainable = n_all if r == 0 else c.n_layer * sum(r * (o + i) for name, (o, i) in shapes.items() if name in names)
-    parts = {"base": base, "adapters": 0 if r == 0 else 2 * trainable, "gradients": 2 * trainable,
-             "optimizer": 8 * trainable}
-    return {**parts, "total": sum(parts.values()), "trainable_params": trainable}

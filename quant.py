@@ -1,6 +1,6 @@
 r"""Quantization: NF4 with double quantization (QLoRA), int8 absmax, and BitNet's BitLinear.
 
-Papers (summaries in PAPERS.md):
+Papers:
   - QLoRA (Dettmers et al., arXiv:2305.14314) section 3: 4-bit NormalFloat (NF4),
     blockwise absmax quantization, double quantization of the block constants.
   - LLM.int8() (Dettmers et al., arXiv:2208.07339) section 3.1: absmax int8 per row.
@@ -23,7 +23,6 @@ NF4 + double quantization memory layout for a weight of n parameters, blocksize 
 and after, computed from shapes on the meta device (no weights allocated).
 """
 
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -263,10 +262,21 @@ class NF4Linear(nn.Module):
     def forward(self, x):  # (..., in_features) -> (..., out_features)
         return DequantizedMatmul.apply(x.to(self.compute_dtype), self)
 
+    def with_weight(self, weight):
+        """A layer like this one holding `weight` (out, in), quantized the same way (LoRA's merge)."""
+        return NF4Linear.from_linear(as_linear(weight), self.blocksize, self.double_quant, self.compute_dtype)
+
     def extra_repr(self):
         dq = ", double_quant" if self.double_quant else ""
         return f"{self.in_features}, {self.out_features}, nf4, blocksize={self.blocksize}{dq}, " \
                f"compute_dtype={self.compute_dtype}"
+
+
+def as_linear(weight):
+    """An nn.Linear (no bias) around an (out, in) weight, for the from_linear constructors."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return linear
 
 
 # ----------------------------------------------------------------------------- Int8Linear
@@ -301,6 +311,10 @@ class Int8Linear(nn.Module):
         x_q, x_gamma = absmax_quantize(x.float(), bits=8, dim=-1)  # (..., in), (..., 1)
         y = F.linear(x_q, self.weight_int8.float())  # exact integer sums (< 2^24) in fp32
         return (y * (x_gamma / 127) * (self.weight_absmax.T / 127)).to(x.dtype)
+
+    def with_weight(self, weight):
+        """A layer like this one holding `weight` (out, in), quantized the same way (LoRA's merge)."""
+        return Int8Linear.from_linear(as_linear(weight), self.quantize_activations)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, int8, quantize_activations={self.quantize_activations}"
@@ -356,6 +370,16 @@ class BitLinear(nn.Module):
         x_q, gamma = absmax_quantize(xg, bits=8, dim=-1)  # (..., G, in/G), (..., G, 1)
         xg = straight_through(xg, absmax_dequantize(x_q, gamma))
         return F.linear(xg.flatten(-2), w)  # = sum over groups of W~_g x~_g beta_g gamma_g / Q_b
+
+    def dequantize(self):
+        """The latent weight W (out, in): what LoRA's merge adds B A to (forward quantizes it)."""
+        return self.weight
+
+    def with_weight(self, weight):
+        """A frozen BitLinear like this one whose latent weight is `weight` (LoRA's merge)."""
+        layer = BitLinear(self.in_features, self.out_features, self.groups, self.ternary, device=weight.device)
+        layer.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
+        return layer
 
     def extra_repr(self):
         kind = "ternary (b1.58)" if self.ternary else "binary"
@@ -434,16 +458,14 @@ def quantized_nbytes(numel, out_features, method, blocksize=64):
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS + ('b1.58',))}")
 
 
-def quant_report(config, method="nf4-dq", keep_dtype=torch.bfloat16, blocksize=64):
-    """Bytes of every tensor of a Transformer(config) before (fp32, bf16) and after quantizing
-    the blocks' linear layers with `method`; the rest kept in keep_dtype (QLoRA keeps bf16).
+def quant_report(model, method="nf4-dq", keep_dtype=torch.bfloat16, blocksize=64):
+    """Bytes of every tensor of a Transformer before (fp32, bf16) and after quantizing the
+    blocks' linear layers with `method`; the rest kept in keep_dtype (QLoRA keeps bf16).
 
-    Built on the meta device: shapes only, so tinyllama_1b costs no memory.
+    Build the model on the meta device (`with torch.device("meta")`): shapes are all it
+    reads, so tinyllama_1b costs no memory.
     Returns (rows, totals), each row a dict: name, shape, numel, fp32, bf16, after, method.
     """
-    from model import Transformer
-    with torch.device("meta"):
-        model = Transformer(config)
     keep_size = torch.empty((), dtype=keep_dtype).element_size()
     rows = []
     for name, p in model.named_parameters():
@@ -455,8 +477,8 @@ def quant_report(config, method="nf4-dq", keep_dtype=torch.bfloat16, blocksize=6
     return rows, totals
 
 
-def print_report(config, method="nf4-dq", name=""):
-    rows, totals = quant_report(config, method)
+def print_report(model, method="nf4-dq", name=""):
+    rows, totals = quant_report(model, method)
     print(f"{name or 'model'}: blocks' linear layers in {method}, everything else in bf16")
     print(f"{'tensor':<40} {'shape':>14} {'fp32 bytes':>14} {'bf16 bytes':>14} {'after':>14} {'bits/param':>10}")
     for r in rows + [dict(name="total", shape="", **totals)]:
@@ -471,19 +493,3 @@ def print_report(config, method="nf4-dq", name=""):
     print(f"whole model: fp32 {totals['fp32'] / 2**30:.3f} GiB | bf16 {totals['bf16'] / 2**30:.3f} GiB | "
           f"{method} {totals['after'] / 2**30:.3f} GiB ({totals['after']:,} bytes)")
     return rows, totals
-
-
-def main(argv=None):
-    from model import ModelConfig, PRESETS
-    p = argparse.ArgumentParser(description="Memory report of a quantized model, from shapes alone.")
-    p.add_argument("--report", action="store_true", help="print every tensor's bytes before and after")
-    p.add_argument("--config", default="tinyllama_1b", choices=list(PRESETS))
-    p.add_argument("--method", default="nf4-dq", choices=list(METHODS) + ["b1.58"])
-    args = p.parse_args(argv)
-    if not args.report:
-        p.error("nothing to do: pass --report")
-    print_report(ModelConfig.from_name(args.config), args.method, args.config)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,7 @@ import torch
 import hf
 import peft
 import quant
-from checkpoint import check_same_config, load_checkpoint, read_json
+from checkpoint import check_same_config, fingerprint, load_checkpoint, read_json, tokenizer_fingerprint
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, convert_kv_heads
 
@@ -59,6 +59,11 @@ def build_model(train_config, model_args, vocab_size, ckpt=None):
     if ckpt is not None and tc["peft"]:  # a PEFT run: rebuild it from the base it points to
         check_same_config(ckpt["model_config"], model_args, tc["out_dir"])
         tc = {**tc, "init_from": ckpt["base"]}
+        now = base_fingerprint(ckpt["base"])
+        if ckpt.get("base_fingerprint", now) != now:
+            raise ValueError(f"the base {ckpt['base']} of the --peft run {tc['out_dir']} changed since the adapter "
+                             f"was trained (fingerprint {ckpt['base_fingerprint']}, now {now}); restore that base "
+                             f"or train a new adapter")
     elif ckpt is not None:  # resume: the checkpoint's shapes; command-line model fields must agree
         check_same_config(ckpt["model_config"], model_args, tc["out_dir"])
         return Transformer(ModelConfig.from_dict(ckpt["model_config"]))
@@ -86,7 +91,28 @@ def build_model(train_config, model_args, vocab_size, ckpt=None):
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size} tokens ({tc['dataset']}); use a dataset made with the model's tokenizer")
-    return apply_peft(model, tc) if tc["peft"] else model
+    if not tc["peft"]:
+        return model
+    model = apply_peft(model, tc)
+    model.base_fingerprint = base_fingerprint(tc["init_from"])
+    return model
+
+
+def base_fingerprint(path):
+    """The identity of a base model's files: its ckpt.pt, or a Hugging Face directory's
+    config and weights. A PEFT checkpoint stores it and refuses a base that changed."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")):
+        return fingerprint([os.path.join(path, n) for n in os.listdir(path)
+                            if n == "config.json" or n.endswith((".safetensors", ".bin"))])
+    return fingerprint([os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path])
+
+
+def check_finite(model, source):
+    """NaN or inf in loaded weights is bad input (a damaged file), not a training divergence."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise ValueError(f"{source}: tensor {name} holds NaN or inf values; the checkpoint is damaged "
+                             f"(restore it or train again)")
 
 
 def apply_peft(model, tc):
@@ -117,6 +143,10 @@ def load_run(out_dir, device="cpu"):
         if missing or unexpected:
             raise ValueError(f"{out_dir}/ckpt.pt does not match its own config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
+    check_finite(model, out_dir)
+    if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_fingerprint(out_dir):
+        raise ValueError(f"{out_dir}: the tokenizer files (meta.json, tokenizer.tiktoken) are not the ones the "
+                         f"checkpoint was trained with; copy them from the run's dataset")
     return model.to(device).eval(), load_tokenizer(out_dir), ckpt
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import quant
 from checkpoint import load_checkpoint
-from model import Transformer
+from model import Transformer, check_sampling_args
 from runs import load_adapter, load_run, resolve_device
 
 
@@ -137,7 +137,13 @@ def main(argv=None):
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
                    help="store the blocks' linear layers quantized (quant.quantize_model)")
     args = p.parse_args(argv)
+    if os.environ.get("NANO_QUICK"):  # the documentation test: the command, not a long sample
+        args.max_new_tokens, args.num_samples = min(args.max_new_tokens, 10), min(args.num_samples, 2)
     try:
+        if args.num_samples < 1 or args.max_new_tokens < 1:
+            raise ValueError(f"--num_samples and --max_new_tokens must be >= 1, got {args.num_samples} and "
+                             f"{args.max_new_tokens}")
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
         device = resolve_device(args.device)
         model, tokenizer = load_model(args, device)
         if args.quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
@@ -163,6 +169,9 @@ def main(argv=None):
                 if args.num_samples > 1:
                     print(f"--- sample {k + 1}/{args.num_samples}")
                 stream(model, tokenizer, prompt_ids, args, generator)
+    except KeyboardInterrupt:  # Ctrl-C ends the stream: a newline, no traceback
+        print("\n(interrupted)", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

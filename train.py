@@ -1,6 +1,6 @@
 """Pretrain or fine-tune the decoder.
 
-    python train.py --config debug                       # seconds; prepares its data itself
+    python train.py --config first                       # ~3 minutes on a laptop CPU, then a sample
     python train.py --config demo                        # a 12.6M-parameter GQA model on this CPU
     python train.py --config tinyllama_1b                # TinyLlama's recipe (GPUs)
     python train.py --config demo --n_layer 4 --learning_rate 3e-4 --compile
@@ -9,37 +9,45 @@
     torchrun --nproc_per_node 2 train.py --config demo --dist ddp   # or --dist fsdp
     python train.py --init_from out/mha --n_kv_head 2 --kv_init mean --max_iters 30   # GQA uptraining
 
-A config is a named preset of TrainConfig (below) plus a ModelConfig preset (model.py);
-`--field value` overrides any field of either. Values are parsed by the field's type,
-never evaluated; an unknown field is an error.
+A config is a named entry of CONFIGS (below: a TrainConfig) whose `model` names a
+ModelConfig preset (model.py); `--field value` overrides any field of either. Values are
+parsed by the field's type, never evaluated; an unknown field is an error.
 
 What it follows:
   - AdamW (Loshchilov & Hutter, arXiv:1711.05101) with decoupled weight decay on the
-    matrices only, linear warmup + cosine decay to min_lr (GPT-3 appendix B / TinyLlama).
+    matrices only, linear warmup + cosine decay to min_lr (GPT-3 arXiv:2005.14165 appendix B).
   - Gradient accumulation: one optimizer step sums the gradients of grad_accum
     micro-batches (over all processes), so the batch is grad_accum * batch_size sequences.
-  - MFU (PaLM appendix B): model FLOPs per second / the device's peak FLOP/s.
-  - Checkpoints: out_dir/ckpt.pt, written to a temporary file and renamed (atomic), with
-    the RNG and data position so --resume continues bit for bit (fp32 on CPU).
+  - MFU (PaLM arXiv:2204.02311 appendix B): model FLOPs per second / the device's peak.
+  - Checkpoints: out_dir/ckpt.pt, written atomically, with the RNG and data position so
+    --resume continues bit for bit (fp32 on CPU). Nothing in out_dir changes before the
+    first complete checkpoint, and one run at a time holds an out_dir (checkpoint.py).
 """
 
-import json
+import argparse
+import difflib
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoint import (atomic_write, load_checkpoint, lock_out_dir, read_json, save_checkpoint, save_figure,
+                        tokenizer_fingerprint, unlock_out_dir)
 from data.prepare import dataset_dir, prepare
-from checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_figure
+from data.tokenizer import load_tokenizer
 from model import ModelConfig, count_params, flops_per_token
-from runs import build_model, resolve_device, save_adapter
+from peft import parse_targets
+from plan import peak_flops, print_memory_estimate
+from runs import build_model, check_finite, resolve_device, save_adapter
 
 
 # ----------------------------------------------------------------------------- config
@@ -67,6 +75,7 @@ class TrainConfig:
     eval_interval: int = 50  # also the checkpoint interval
     eval_iters: int = 20  # batches per split in an evaluation
     log_interval: int = 10
+    sample_tokens: int = 0  # print a sample of this many tokens when training ends
     # system
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
@@ -84,8 +93,11 @@ class TrainConfig:
     prefix_hidden: int = 512  # width of the prefix reparametrization MLP
 
 
-PRESETS = {
+CONFIGS = {
     "debug": TrainConfig(),
+    # the first command of the README: a 0.8M-parameter character model, ~3 minutes on 2 CPU cores
+    "first": TrainConfig(model="first", out_dir="out/first", batch_size=16, max_iters=600, learning_rate=3e-3,
+                         min_lr=3e-4, warmup_iters=30, eval_interval=200, eval_iters=10, sample_tokens=300),
     "demo": TrainConfig(model="demo", dataset="pydoc_bpe", out_dir="out/demo", batch_size=8, max_iters=600,
                         learning_rate=1e-3, min_lr=1e-4, warmup_iters=60, eval_interval=100, eval_iters=20),
     # TinyLlama (arXiv:2401.02385 section 2.3): 1024 x 2048 = 2M tokens per step.
@@ -94,6 +106,60 @@ PRESETS = {
                                 min_lr=4e-5, warmup_iters=2000, weight_decay=0.1, beta1=0.9, beta2=0.95,
                                 grad_clip=1.0, eval_interval=1000, eval_iters=50),
 }
+CHOICES = {"dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16"), "kv_init": ("", "mean", "first", "random"),
+           "peft": ("", "lora", "prefix", "qlora")}
+
+
+def check_train_config(cfg):
+    """Every field checked once, where the config is built: one line naming the field."""
+    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lora_r",
+                 "prefix_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "prefix_hidden"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "lora_alpha"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in ("learning_rate", "lora_alpha")):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'learning_rate' else '>= 0'}, "
+                             f"got {value}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}): the cosine decays "
+                         f"from learning_rate down to min_lr")
+    for name in ("beta1", "beta2", "lora_dropout"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(repr(a) for a in allowed)}, "
+                             f"got {getattr(cfg, name)!r}")
+    if cfg.peft and not cfg.init_from and not cfg.resume:
+        raise ValueError(f"--peft {cfg.peft} fine-tunes a pretrained model: give it with --init_from PATH")
+    if cfg.peft == "lora":
+        parse_targets(cfg.lora_targets)  # an unknown name fails now, not after loading the model
+    if cfg.init_from and os.path.abspath(cfg.init_from.removesuffix("ckpt.pt")) == os.path.abspath(cfg.out_dir):
+        raise ValueError(f"--init_from {cfg.init_from} is the run's own --out_dir: it would overwrite the model it "
+                         f"starts from; write elsewhere, e.g. --out_dir {free_out_dir(cfg.out_dir + '_ft')}")
+
+
+def free_out_dir(stem):
+    """stem, or stem2, stem3, ...: the first that does not exist yet."""
+    n, path = 1, stem
+    while os.path.exists(path):
+        n, path = n + 1, f"{stem}{n + 1}"
+    return path
+
+
+def quick_caps(cfg):
+    """NANO_QUICK=1 (set by tests/test_docs.py only): every documented command runs in
+    seconds, a few iterations of the same code path."""
+    if not os.environ.get("NANO_QUICK"):
+        return cfg
+    print("NANO_QUICK: a few iterations only (the documentation test)")
+    return TrainConfig(**{**asdict(cfg), "max_iters": min(cfg.max_iters, 4), "eval_interval": 2, "eval_iters": 1,
+                          "batch_size": min(cfg.batch_size, 2), "sample_tokens": min(cfg.sample_tokens, 20),
+                          "warmup_iters": min(cfg.warmup_iters, 1)})
 
 
 def parse_value(name, text, default):
@@ -111,63 +177,52 @@ def parse_value(name, text, default):
         raise ValueError(f"--{name} expects a {kind.__name__}, got {text!r}") from None
 
 
+def argument_parser():
+    """One --option per field of TrainConfig and ModelConfig, generated from the dataclasses."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--config", default="debug", help=f"one of: {', '.join(CONFIGS)}")
+    p.add_argument("--estimate_memory", action="store_true", help="print the memory estimate and stop")
+    for group, cls in (("training", TrainConfig), ("model (model.py)", ModelConfig)):
+        g = p.add_argument_group(group)
+        for f in fields(cls):
+            is_bool = f.type in (bool, "bool")
+            g.add_argument(f"--{f.name}", default=None, metavar="BOOL" if is_bool else f.type.upper() if
+                           isinstance(f.type, str) else f.type.__name__.upper(),
+                           nargs="?" if is_bool else None, const="true" if is_bool else None)
+    p.error = fail  # errors are ValueErrors: main() prints them as one line
+    return p
+
+
+def fail(message):
+    raise ValueError(message)
+
+
 def parse_args(argv):
     """argv -> (TrainConfig, {model field: value}, set of train fields given explicitly)."""
-    train_fields = {f.name: f for f in fields(TrainConfig)}
-    model_fields = {f.name: f for f in fields(ModelConfig)}
-    args, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; use --field value")
-        name, _, value = arg[2:].partition("=")
-        if name not in train_fields and name not in model_fields and name != "config":
-            import difflib
-            close = difflib.get_close_matches(name, list(train_fields) + list(model_fields))
-            raise ValueError(f"unknown option --{name}" + (f"; did you mean --{close[0]}?" if close else
-                                                             "; see TrainConfig in train.py and ModelConfig in model.py"))
-        if not value:  # `--compile` alone means true; otherwise the value is the next word
-            is_flag = name in train_fields and isinstance(train_fields[name].default, bool)
-            if is_flag and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(argv):
-                value, i = argv[i + 1], i + 1
-            else:
-                raise ValueError(f"--{name} needs a value")
-        args[name] = value
-        i += 1
-
-    name = args.pop("config", "debug")
-    if name not in PRESETS:
-        raise ValueError(f"unknown config {name!r}; known configs: {', '.join(PRESETS)}")
-    cfg = PRESETS[name]
-    train_args = {k: parse_value(k, v, getattr(cfg, k)) for k, v in args.items() if k in train_fields}
-    model_defaults = ModelConfig.from_name(cfg.model if "model" not in train_args else train_args["model"])
-    model_args = {k: parse_value(k, v, getattr(model_defaults, k)) for k, v in args.items() if k not in train_fields}
-    cfg = TrainConfig(**{**asdict(cfg), **train_args})
+    p = argument_parser()
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        name = rest[0].partition("=")[0]
+        options = [a.removeprefix("--") for a in p._option_string_actions if a.startswith("--")]
+        close = difflib.get_close_matches(name.removeprefix("--"), options)
+        hint = f"; did you mean --{close[0]}?" if close else "; see python train.py --help"
+        raise ValueError(f"unknown option {name}{hint}" if name.startswith("--") else
+                         f"unexpected argument {name!r}; use --field value")
+    if args.config not in CONFIGS:
+        raise ValueError(f"unknown config {args.config!r}; known configs: {', '.join(CONFIGS)}")
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "estimate_memory")}
+    base = CONFIGS[args.config]
+    train_names = {f.name for f in fields(TrainConfig)}
+    train_args = {k: parse_value(k, v, getattr(base, k)) for k, v in given.items() if k in train_names}
+    model_defaults = ModelConfig.from_name(train_args.get("model", base.model))
+    model_args = {k: parse_value(k, v, getattr(model_defaults, k)) for k, v in given.items() if k not in train_names}
+    if train_args.get("init_from") and "out_dir" not in train_args:  # a fine-tune gets its own out_dir
+        train_args["out_dir"] = free_out_dir(base.out_dir + "_ft")
+    cfg = quick_caps(TrainConfig(**{**asdict(base), **train_args}))
     check_train_config(cfg)
+    ModelConfig.from_name(cfg.model, **model_args)  # the model fields are checked now too
     return cfg, model_args, set(train_args)
-
-
-def check_train_config(cfg):
-    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0 or cfg.learning_rate <= 0:
-        raise ValueError("max_iters and warmup_iters must be >= 0 and learning_rate > 0")
-    if cfg.dist not in ("ddp", "fsdp"):
-        raise ValueError(f"--dist must be ddp or fsdp, got {cfg.dist!r}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.kv_init not in ("", "mean", "first", "random"):
-        raise ValueError(f"--kv_init must be mean, first or random, got {cfg.kv_init!r}")
-    if cfg.peft not in ("", "lora", "prefix", "qlora"):
-        raise ValueError(f"--peft must be lora, prefix or qlora (or empty for full fine-tuning), got {cfg.peft!r}")
-    if cfg.peft and not cfg.init_from and not cfg.resume:
-        raise ValueError(f"--peft {cfg.peft} fine-tunes a pretrained model: give it with --init_from PATH")
-    if cfg.peft == "lora":
-        from peft import parse_targets
-        parse_targets(cfg.lora_targets)  # an unknown name fails now, not after loading the model
 
 
 # ----------------------------------------------------------------------------- data
@@ -183,14 +238,17 @@ def load_dataset(name):
                                     f"`python data/prepare.py --corpus CORPUS --tokenizer TOKENIZER --out {path}`")
         print(f"preparing the default dataset {name} (once)")
         prepare("pydoc", tokenizer, out=path, verbose=False)
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    meta = {**read_json(os.path.join(path, "meta.json"), "the dataset's description"), "path": path}
     splits = {}
     for split in ("train", "val"):
         bin_path = os.path.join(path, f"{split}.bin")
         if not os.path.exists(bin_path):
             raise FileNotFoundError(f"{bin_path} is missing: re-run data/prepare.py for {path}")
         splits[split] = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+        top = int(splits[split][:: max(1, len(splits[split]) // 1_000_000)].max()) if len(splits[split]) else 0
+        if top >= meta["vocab_size"]:
+            raise ValueError(f"{bin_path} holds token id {top}, outside the tokenizer's vocabulary of "
+                             f"{meta['vocab_size']}: the dataset and its meta.json do not belong together")
     return meta, splits
 
 
@@ -203,95 +261,15 @@ def get_batch(data, offsets, block_size, device):
     return x.to(device), y.to(device)
 
 
-def draw_offsets(data, n, block_size, generator):
-    if len(data) <= block_size + 1:
-        raise ValueError(f"the split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")
+def draw_offsets(data, n, block_size, generator, split="train"):
+    if len(data) < block_size + 2:
+        raise ValueError(f"the {split} split has {len(data)} tokens, but one sequence of block_size={block_size} "
+                         f"needs block_size + 2 = {block_size + 2} (inputs and shifted targets); use a larger "
+                         f"corpus or a smaller --block_size")
     return torch.randint(len(data) - block_size - 1, (n,), generator=generator)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def check_out_dir(out_dir, needed_bytes):
-    """Fail before training, not after an hour: out_dir must be writable with room for
-    two checkpoints (the new one is written before the old one is replaced)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write_test")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
-    free = shutil.disk_usage(out_dir).free
-    if free < 2 * needed_bytes:
-        raise OSError(f"out_dir {out_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
-                      f"{2 * needed_bytes / 1e9:.2f} GB; free some space or choose another --out_dir")
-
-
 # ----------------------------------------------------------------------------- optimizer
-def format_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-
-
-def estimate_memory(config, batch_size, seq_len=None, lora_r=8, dtype_bytes=4):
-    """Will it fit? Bytes of one training step for full fine-tuning, LoRA and QLoRA.
-
-    weights + gradients + AdamW's two moments + the activations autograd keeps for the
-    backward pass, counted per token and layer from the forward (RMSNorm inputs, the
-    normed inputs of the projections, q/k/v and the attention output that SDPA keeps,
-    SwiGLU's four (B, T, intermediate) tensors) plus the logits, their log-softmax and
-    gradients, and one layer's gradients in flight. LoRA
-    keeps a 16-bit frozen base and trains rank-r adapters on every linear layer of the
-    blocks (QLoRA section 4's setting); QLoRA stores that base in NF4 with double
-    quantization (4.127 bits/param, section 3). The KV cache is the decoding cache of
-    batch_size sequences at full context. Checked against the measured peak by bench.py.
-    """
-    T = seq_len or config.block_size
-    C, I, L, V = config.n_embd, config.intermediate_size, config.n_layer, config.vocab_size
-    kv = config.n_kv_head * config.head_dim
-    n = count_params(config)  # no model is built: everything follows from the config
-    n_block_linear = L * (C * config.n_head * config.head_dim * 2 + 2 * C * kv + 3 * C * I)
-    # elements per token: kept for the backward pass by every layer; the final norm and the
-    # logits with their log-softmax and the two gradients of the loss's backward (4 x V); and
-    # the gradients of one layer being back-propagated (4 x I + 4 x C)
-    per_token = L * (7 * C + 2 * kv + 4 * I) + 3 * C + 5 * V + 4 * I + 4 * C
-    activations = dtype_bytes * batch_size * T * per_token
-    lora_params = L * r_adapters(config, lora_r)
-    adapters = {"weights": 4 * lora_params, "gradients": 4 * lora_params, "optimizer": 8 * lora_params}
-    modes = {
-        "full": {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n},
-        "lora": {"base": 2 * n, **adapters},
-        "qlora": {"base": n_block_linear * 4.127 / 8 + 2 * (n - n_block_linear), **adapters},
-    }
-    out = {}
-    for mode, parts in modes.items():
-        parts = {**parts, "activations": activations}
-        out[mode] = {**parts, "total": sum(parts.values())}
-    out["kv_cache"] = 2 * L * kv * config.block_size * batch_size * dtype_bytes
-    out["params"], out["lora_params"] = n, lora_params
-    return out
-
-
-def r_adapters(config, r):
-    """LoRA parameters of one block with adapters on all seven linear layers: r * (in + out) each."""
-    C, I, kv = config.n_embd, config.intermediate_size, config.n_kv_head * config.head_dim
-    q = config.n_head * config.head_dim
-    return r * ((C + q) * 2 + (C + kv) * 2 + (C + I) * 3)
-
-
-def print_memory_estimate(config, cfg):
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and resolve_device(cfg.device).type == "cuda")
-    est = estimate_memory(config, cfg.batch_size, config.block_size, getattr(cfg, "lora_r", 8), 2 if bf16 else 4)
-    print(f"memory estimate for {cfg.batch_size} x {config.block_size} tokens per micro-batch "
-          f"({est['params']:,} parameters, {'bf16 autocast' if bf16 else 'fp32'} activations):")
-    for mode in ("full", "lora", "qlora"):
-        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est[mode].items() if k != "total")
-        print(f"  {mode:5s}: {format_bytes(est[mode]['total']):>12s}  ({parts})")
-    print(f"  KV cache for decoding {cfg.batch_size} sequences at full context: {format_bytes(est['kv_cache'])}")
-
-
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on the matrices only (not on norms' gains); QLoRA pages its state."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -315,50 +293,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------- MFU
-PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s, from the vendors' datasheets
-    "A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12,
-}
-
-
-def peak_flops(device, dtype):
-    """The device's peak FLOP/s: a datasheet figure for GPUs; measured on CPU (fp32 matmul)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype == torch.bfloat16 else flops / 2  # tf32 is half the bf16 rate
-        return None  # unknown GPU: MFU not reported
-    g = torch.Generator().manual_seed(0)  # not the global RNG: that one drives dropout
-    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 1024 ** 3 / best
-
-
-# ----------------------------------------------------------------------------- plot
-def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["iter"], history["train_loss"], lw=1, label="train (per step)")
-    if history["eval_iter"]:
-        ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 # ----------------------------------------------------------------------------- distributed
 def setup_distributed(cfg):
     """Under torchrun (RANK is set) join the process group: gloo on CPU, nccl on GPU."""
@@ -370,6 +304,22 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def split_grad_accum(cfg, world, master):
+    """Micro-batches per process. Fewer micro-batches than processes are raised to one per
+    process (the batch grows to world * batch_size sequences, said once); a count that does
+    not split evenly is refused with the count that does."""
+    if cfg.grad_accum < world:
+        if master:
+            print(f"note: grad_accum raised from {cfg.grad_accum} to {world}, one micro-batch per process: "
+                  f"{world} x {cfg.batch_size} sequences per step")
+        cfg.grad_accum = world
+    if cfg.grad_accum % world:
+        up = -(-cfg.grad_accum // world) * world
+        raise ValueError(f"grad_accum={cfg.grad_accum} does not split over {world} processes; "
+                         f"use --grad_accum {up} (or {up - world})")
+    return cfg.grad_accum // world
 
 
 def wrap_model(model, cfg, world, device):
@@ -409,180 +359,30 @@ def load_state_dicts(model, optimizer, model_sd, optim_sd):
                    options=StateDictOptions(full_state_dict=True))
 
 
-# ----------------------------------------------------------------------------- training
-@torch.no_grad()
-def evaluate(model, data, cfg, block_size, device, autocast):
-    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        offsets = draw_offsets(data[split], cfg.eval_iters * cfg.batch_size, block_size, g)
-        losses = []
-        for k in range(cfg.eval_iters):
-            x, y = get_batch(data[split], offsets[k * cfg.batch_size:(k + 1) * cfg.batch_size], block_size, device)
-            with autocast:
-                losses.append(model(x, y)[1].item())
-        out[split] = sum(losses) / len(losses)
-    model.train()
-    return out
-
-
-def train(cfg, model_args=None, explicit=()):
-    """Run training; returns the history dict (losses per iteration and evaluation)."""
-    model_args = model_args or {}
-    rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        # the run's own settings; only what this command line sets explicitly changes
-        cfg = TrainConfig(**{**ckpt["train_config"], **{k: getattr(cfg, k) for k in explicit}, "resume": True})
-    if cfg.grad_accum % world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} must be divisible by the {world} processes")
-    local_accum = cfg.grad_accum // world
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    meta, data = load_dataset(cfg.dataset)
-    model = build_model(asdict(cfg), model_args, meta["vocab_size"], ckpt).to(device)
-    config = model.config
-    block_size = config.block_size
-    if master:
-        check_out_dir(cfg.out_dir, 3 * 4 * model.num_params())  # fp32 weights + two AdamW moments
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    raw = model
-    model = wrap_model(raw, cfg, world, device)
-    optimizer = make_optimizer(raw, cfg, device)
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
-    iter_num = 0
-    history = {"iter": [], "train_loss": [], "eval_iter": [], "val_loss": [], "eval_train_loss": []}
-    if ckpt is not None:  # a PEFT checkpoint holds only the trainable tensors: the rest is the base's
-        model_sd = {**raw.state_dict(), **ckpt["model"]} if cfg.peft else ckpt["model"]
-        load_state_dicts(raw, optimizer, model_sd, ckpt["optimizer"])
-        iter_num, history = ckpt["iter_num"], ckpt["history"]
-        data_gen.set_state(ckpt["rng"]["data"])
-        torch.set_rng_state(ckpt["rng"]["torch"][rank])
-        if device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank])
-    else:
-        torch.manual_seed(cfg.seed + rank)  # different dropout masks on each process
-    start_iter = iter_num
-
-    tokens_per_iter = cfg.grad_accum * cfg.batch_size * block_size
-    flops_per_iter = flops_per_token(config, block_size) * tokens_per_iter
-    peak = peak_flops(device, dtype)
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        copy_tokenizer(dataset_dir(cfg.dataset), cfg.out_dir)
-        if cfg.peft:
-            n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-            print(f"--peft {cfg.peft}: {n_train:,} trainable parameters "
-                  f"({100 * n_train / count_params(config):.3f}% of the base's {count_params(config):,})")
-        print(f"model {cfg.model}: {raw.num_params():,} parameters | {tokens_per_iter:,} tokens/iter "
-              f"({cfg.grad_accum} x {cfg.batch_size} x {block_size}) | {world} process(es) on {device} in "
-              f"{str(dtype).removeprefix('torch.')} | dataset {cfg.dataset} ({meta['train_tokens']:,} train tokens)"
-              + (f" | peak {peak / 1e9:,.0f} GFLOP/s" if peak else ""))
-        print_memory_estimate(config, cfg)
-        if cfg.compile:
-            print("compiling the model (the first iterations are slow)")
-
-    def save(iter_num):
-        history["step_seconds"] = resumed_seconds + sum(step_times)  # training time, evaluations excluded
-        model_sd, optim_sd = state_dicts(raw, optimizer)
-        rngs = [torch.get_rng_state()]
-        cuda_rngs = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-        if world > 1:  # every process's RNG, for dropout after a resume
-            rngs, cuda_rngs = gather(rngs[0], world), gather(cuda_rngs[0], world) if cuda_rngs else []
-        peft_info = {}
-        if cfg.peft:  # only what trains, plus a pointer to the frozen base
-            trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
-            model_sd = {n: t for n, t in model_sd.items() if n in trainable}
-            peft_info = {"base": os.path.abspath(cfg.init_from), "peft": raw.peft_config}
-        if master:
-            save_checkpoint({"model": model_sd, "optimizer": optim_sd, "iter_num": iter_num,
-                             "model_config": config.to_dict(), "train_config": asdict(cfg),
-                             "rng": {"torch": rngs, "cuda": cuda_rngs, "data": data_gen.get_state()},
-                             "history": history, **peft_info}, ckpt_path)
-            if cfg.peft:
-                save_adapter(raw, os.path.join(cfg.out_dir, "adapter"), os.path.abspath(cfg.init_from))
-
-    step_times = []  # seconds of each optimizer step (evaluations excluded)
-    resumed_seconds = history.get("step_seconds", 0.0)
-    last_saved = start_iter if ckpt is not None else None
-    while True:
-        at_end = iter_num >= cfg.max_iters
-        if (iter_num % cfg.eval_interval == 0 or at_end) and not (ckpt is not None and iter_num == start_iter):
-            losses = evaluate(model, data, cfg, block_size, device, autocast)
-            history["eval_iter"].append(iter_num)
-            history["val_loss"].append(losses["val"])
-            history["eval_train_loss"].append(losses["train"])
-            save(iter_num)
-            last_saved = iter_num
-            if master:
-                print(f"eval {iter_num}: train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
-                      f"saved {ckpt_path}")
-                plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))
-        if at_end:
-            break
-
-        t_step = time.perf_counter()
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # every process draws the same global batch and takes its own micro-batches of it
-        offsets = draw_offsets(data["train"], cfg.grad_accum * cfg.batch_size, block_size, data_gen)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(local_accum):
-            k = rank * local_accum + micro
-            x, y = get_batch(data["train"], offsets[k * cfg.batch_size:(k + 1) * cfg.batch_size], block_size, device)
-            with grad_sync(model, micro == local_accum - 1):
-                with autocast:
-                    _, loss = model(x, y)
-                (loss / local_accum).backward()
-            loss_sum += loss.detach()
-        loss_value = loss_sum / local_accum
-        if world > 1:
-            dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
-        loss_value = loss_value.item()
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint {ckpt_path} (iteration {last_saved}) was kept" if last_saved is not None \
-                else "no checkpoint had been written yet"
-            raise FloatingPointError(f"loss is {loss_value} at iteration {iter_num}: training diverged; {kept}. "
-                                     f"Lower --learning_rate, raise --warmup_iters or set --grad_clip")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - t_step)
-        history["iter"].append(iter_num)
-        history["train_loss"].append(loss_value)
-        iter_num += 1
-
-        if master and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
-            recent = step_times[-((iter_num - start_iter - 1) % cfg.log_interval + 1):]
-            dt = sum(recent) / len(recent)
-            eta = sum(step_times) / len(step_times) * (cfg.max_iters - iter_num)
-            mfu = f" | mfu {100 * flops_per_iter / dt / peak:.1f}%" if peak else ""
-            print(f"iter {iter_num}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu} | {dt * 1000:.0f} ms/iter | eta {format_time(eta)}",
-                  flush=True)
-    if world > 1:
-        dist.destroy_process_group()
-    return history
-
-
 def gather(tensor, world):
     out = [None] * world
     dist.all_gather_object(out, tensor)
     return out
 
 
+# ----------------------------------------------------------------------------- out_dir
+def check_out_dir(out_dir, needed_bytes):
+    """Fail before training, not after an hour: out_dir must be writable with room for
+    two checkpoints (the new one is written before the old one is replaced)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(os.path.join(out_dir, ".write_test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(out_dir, ".write_test"))
+    except OSError as e:
+        raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
+    free = shutil.disk_usage(out_dir).free
+    if free < 2 * needed_bytes:
+        raise OSError(f"out_dir {out_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
+                      f"{2 * needed_bytes / 1e9:.2f} GB; free some space or choose another --out_dir")
+
+
 def copy_tokenizer(data_dir, out_dir):
-    """Copy meta.json (and the BPE file) next to the checkpoint: sample.py needs only out_dir."""
+    """meta.json (and the BPE file) next to the checkpoint: sample.py needs only out_dir."""
     for name in ("meta.json", "tokenizer.tiktoken"):
         src = os.path.join(data_dir, name)
         if os.path.exists(src):
@@ -591,28 +391,281 @@ def copy_tokenizer(data_dir, out_dir):
             atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
 
 
+def plot_losses(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["iter"], history["train_loss"], lw=1, label="train (per step)")
+    if history["eval_iter"]:
+        ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val")
+    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- training
+@torch.no_grad()
+def evaluate(model, data, cfg, block_size, device, autocast):
+    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            offsets = draw_offsets(data[split], cfg.batch_size, block_size, g, split)
+            x, y = get_batch(data[split], offsets, block_size, device)
+            with autocast:
+                losses.append(model(x, y)[1].item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def setup(cfg, model_args, explicit):
+    """Resume or start: the run's config, data, model, optimizer and RNG state, in one
+    namespace `r` that the loop reads (every field is set here, before the loop runs)."""
+    r = SimpleNamespace()
+    r.rank, r.world, r.device = setup_distributed(cfg)
+    r.master = r.rank == 0
+    r.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    r.ckpt = None
+    if cfg.resume:
+        r.ckpt = load_checkpoint(r.ckpt_path)
+        # the run's own settings; only what this command line sets explicitly changes
+        saved = r.ckpt["train_config"]
+        if "peft" in explicit and cfg.peft != saved.get("peft", ""):
+            raise ValueError(f"{cfg.out_dir} is a {'--peft ' + saved['peft'] if saved.get('peft') else 'full'} "
+                             f"run; it cannot be resumed with --peft {cfg.peft or '(none)'}: use another out_dir")
+        known = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
+                             **{k: getattr(cfg, k) for k in explicit}, "resume": True})
+        check_train_config(cfg)
+    r.cfg = cfg
+    r.local_accum = split_grad_accum(cfg, r.world, r.master)
+    if r.master:
+        lock_out_dir(cfg.out_dir)  # before anything reads or writes the out_dir's files
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    r.meta, r.data = load_dataset(cfg.dataset)
+    r.tokenizer_id = tokenizer_fingerprint(r.meta["path"])
+    if r.ckpt is not None and r.ckpt.get("tokenizer", r.tokenizer_id) != r.tokenizer_id:
+        raise ValueError(f"{cfg.out_dir} was trained with another tokenizer than dataset {cfg.dataset}'s "
+                         f"(fingerprints {r.ckpt['tokenizer']} and {r.tokenizer_id}); resume on its own dataset")
+    model = build_model(asdict(cfg), model_args, r.meta["vocab_size"], r.ckpt)
+    check_finite(model, cfg.init_from or cfg.out_dir)
+    r.raw = model.to(r.device)
+    r.config = r.raw.config
+    if r.master:
+        check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
+    r.dtype = {"auto": torch.bfloat16 if r.device.type == "cuda" else torch.float32,
+               "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    r.autocast = torch.autocast(r.device.type, dtype=r.dtype) if r.dtype != torch.float32 else nullcontext()
+    r.model = wrap_model(r.raw, cfg, r.world, r.device)
+    r.optimizer = make_optimizer(r.raw, cfg, r.device)
+    r.data_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+    r.iter_num = 0
+    r.history = {"iter": [], "train_loss": [], "eval_iter": [], "val_loss": [], "eval_train_loss": []}
+    if r.ckpt is not None:  # a PEFT checkpoint holds only the trainable tensors: the rest is the base's
+        model_sd = {**r.raw.state_dict(), **r.ckpt["model"]} if cfg.peft else r.ckpt["model"]
+        load_state_dicts(r.raw, r.optimizer, model_sd, r.ckpt["optimizer"])
+        r.iter_num, r.history = r.ckpt["iter_num"], r.ckpt["history"]
+        r.data_gen.set_state(r.ckpt["rng"]["data"])
+        torch.set_rng_state(r.ckpt["rng"]["torch"][r.rank])
+        if r.device.type == "cuda" and r.ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state(r.ckpt["rng"]["cuda"][r.rank])
+    else:
+        torch.manual_seed(cfg.seed + r.rank)  # different dropout masks on each process
+    r.last_saved = r.iter_num if r.ckpt is not None else None
+    return r
+
+
+def save(r, step_seconds):
+    """One complete checkpoint: weights, optimizer, RNG of every process, data position."""
+    cfg = r.cfg
+    r.history["step_seconds"] = step_seconds  # training time, evaluations excluded
+    model_sd, optim_sd = state_dicts(r.raw, r.optimizer)
+    rngs = [torch.get_rng_state()]
+    cuda_rngs = [torch.cuda.get_rng_state(r.device)] if r.device.type == "cuda" else []
+    if r.world > 1:  # every process's RNG, for dropout after a resume
+        rngs, cuda_rngs = gather(rngs[0], r.world), gather(cuda_rngs[0], r.world) if cuda_rngs else []
+    peft_info = {}
+    if cfg.peft:  # only what trains, plus a pointer to the frozen base and its fingerprint
+        trainable = {n for n, p in r.raw.named_parameters() if p.requires_grad}
+        model_sd = {n: t for n, t in model_sd.items() if n in trainable}
+        peft_info = {"base": os.path.abspath(cfg.init_from), "peft": r.raw.peft_config,
+                     "base_fingerprint": r.raw.base_fingerprint}
+    if r.master:
+        copy_tokenizer(r.meta["path"], cfg.out_dir)  # the first save is the first change to out_dir
+        save_checkpoint({"model": model_sd, "optimizer": optim_sd, "iter_num": r.iter_num,
+                         "model_config": r.config.to_dict(), "train_config": asdict(cfg),
+                         "tokenizer": r.tokenizer_id,
+                         "rng": {"torch": rngs, "cuda": cuda_rngs, "data": r.data_gen.get_state()},
+                         "history": r.history, **peft_info}, r.ckpt_path)
+        if cfg.peft:
+            save_adapter(r.raw, os.path.join(cfg.out_dir, "adapter"), os.path.abspath(cfg.init_from))
+    r.last_saved = r.iter_num
+
+
+def print_header(r):
+    cfg, config = r.cfg, r.config
+    n = count_params(config)
+    if cfg.peft:
+        n_train = sum(p.numel() for p in r.raw.parameters() if p.requires_grad)
+        print(f"--peft {cfg.peft}: {n_train:,} trainable parameters ({100 * n_train / n:.3f}% of the base's {n:,})")
+    print(f"model {cfg.model}: {n:,} parameters | {r.tokens_per_iter:,} tokens/iter ({cfg.grad_accum} x "
+          f"{cfg.batch_size} x {config.block_size}) | {r.world} process(es) on {r.device} in "
+          f"{str(r.dtype).removeprefix('torch.')} | dataset {cfg.dataset} ({r.meta['train_tokens']:,} train tokens)"
+          + (f" | peak {r.peak / 1e9:,.0f} GFLOP/s" if r.peak else ""))
+    print_memory_estimate(config, cfg.batch_size, cfg.lora_r, bf16=r.dtype == torch.bfloat16)
+    if cfg.compile:
+        print("compiling the model (the first iterations are slow)")
+
+
+def train(cfg, model_args=None, explicit=()):
+    """Run training; returns the history dict (losses per iteration and evaluation)."""
+    r = setup(cfg, model_args or {}, explicit)
+    try:
+        return loop(r)
+    finally:
+        if r.master:
+            unlock_out_dir(r.cfg.out_dir)
+        if r.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def loop(r):
+    """The training loop: evaluate and save every eval_interval steps, stop on a signal."""
+    cfg, block_size = r.cfg, r.config.block_size
+    r.tokens_per_iter = cfg.grad_accum * cfg.batch_size * block_size
+    flops_per_iter = flops_per_token(r.config, block_size) * r.tokens_per_iter
+    r.peak = peak_flops(r.device, r.dtype)
+    if r.master:
+        print_header(r)
+    start_iter, resumed_seconds, step_times = r.iter_num, r.history.get("step_seconds", 0.0), []
+    stop = []  # the signal that asked to stop: SIGINT (Ctrl-C) or SIGTERM (a scheduler)
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT,
+                                                                                          signal.SIGTERM)}
+    try:
+        while True:
+            at_end = r.iter_num >= cfg.max_iters
+            if (r.iter_num % cfg.eval_interval == 0 or at_end or stop) and r.iter_num != r.last_saved:
+                losses = evaluate(r.model, r.data, cfg, block_size, r.device, r.autocast)
+                r.history["eval_iter"].append(r.iter_num)
+                r.history["val_loss"].append(losses["val"])
+                r.history["eval_train_loss"].append(losses["train"])
+                save(r, resumed_seconds + sum(step_times))
+                if r.master:
+                    print(f"eval {r.iter_num}: train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
+                          f"saved {r.ckpt_path}", flush=True)
+                    plot_losses(r.history, os.path.join(cfg.out_dir, "loss.png"))
+            if stop:
+                raise Interrupted(stop[0], r)
+            if at_end:
+                break
+            step_times.append(step(r))
+            if r.master and (r.iter_num % cfg.log_interval == 0 or r.iter_num == cfg.max_iters):
+                recent = step_times[-((r.iter_num - start_iter - 1) % cfg.log_interval + 1):]
+                dt = sum(recent) / len(recent)
+                eta = sum(step_times) / len(step_times) * (cfg.max_iters - r.iter_num)
+                mfu = f" | mfu {100 * flops_per_iter / dt / r.peak:.1f}%" if r.peak else ""
+                print(f"iter {r.iter_num}/{cfg.max_iters} | loss {r.history['train_loss'][-1]:.4f} | "
+                      f"lr {get_lr(r.iter_num - 1, cfg):.2e} | {r.tokens_per_iter / dt:,.0f} tok/s{mfu} | "
+                      f"{dt * 1000:.0f} ms/iter | eta {format_time(eta)}", flush=True)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if r.master and cfg.sample_tokens:
+        print_sample(r)
+    return r.history
+
+
+def step(r):
+    """One optimizer step over grad_accum micro-batches; returns its seconds."""
+    cfg, t0 = r.cfg, time.perf_counter()
+    lr = get_lr(r.iter_num, cfg)
+    for group in r.optimizer.param_groups:
+        group["lr"] = lr
+    # every process draws the same global batch and takes its own micro-batches of it
+    offsets = draw_offsets(r.data["train"], cfg.grad_accum * cfg.batch_size, r.config.block_size, r.data_gen)
+    loss_sum = torch.zeros((), device=r.device)
+    for micro in range(r.local_accum):
+        k = r.rank * r.local_accum + micro
+        x, y = get_batch(r.data["train"], offsets[k * cfg.batch_size:(k + 1) * cfg.batch_size],
+                         r.config.block_size, r.device)
+        with grad_sync(r.model, micro == r.local_accum - 1):
+            with r.autocast:
+                _, loss = r.model(x, y)
+            (loss / r.local_accum).backward()
+        loss_sum += loss.detach()
+    loss_value = loss_sum / r.local_accum
+    if r.world > 1:
+        dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
+    loss_value = loss_value.item()
+    if not math.isfinite(loss_value):
+        kept = f"the last good checkpoint {r.ckpt_path} (iteration {r.last_saved}) was kept" \
+            if r.last_saved is not None else "no checkpoint had been written yet"
+        raise FloatingPointError(f"loss is {loss_value} at iteration {r.iter_num}: training diverged; {kept}. "
+                                 f"Lower --learning_rate, raise --warmup_iters or set --grad_clip")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(r.raw.parameters(), cfg.grad_clip)
+    r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.history["iter"].append(r.iter_num)
+    r.history["train_loss"].append(loss_value)
+    r.iter_num += 1
+    return time.perf_counter() - t0
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the loop saved a final checkpoint and stops."""
+
+    def __init__(self, signum, r):
+        self.code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {r.iter_num}: saved "
+                         f"{r.ckpt_path}; continue with --resume --out_dir {r.cfg.out_dir}")
+
+
+def print_sample(r):
+    """A sample from the trained model, to see what it learned (the `first` config)."""
+    tokenizer = load_tokenizer(r.meta["path"])
+    prompt = torch.tensor([tokenizer.encode("\n")], device=r.device)
+    r.raw.eval()
+    with r.autocast:
+        out = r.raw.generate(prompt, r.cfg.sample_tokens, temperature=0.8, top_k=50, n_vocab=tokenizer.n_vocab,
+                             generator=torch.Generator(r.device).manual_seed(r.cfg.seed))
+    print(f"--- a sample of {r.cfg.sample_tokens} tokens (python sample.py --out_dir {r.cfg.out_dir} for more):")
+    print(tokenizer.decode(out[0, 1:].tolist()))
+
+
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        only_estimate = "--estimate_memory" in argv  # print the memory estimate and stop
-        cfg, model_args, explicit = parse_args([a for a in argv if a != "--estimate_memory"])
-        if only_estimate:
-            print_memory_estimate(ModelConfig.from_name(cfg.model, **model_args), cfg)
+        cfg, model_args, explicit = parse_args(argv)
+        if "--estimate_memory" in argv:
+            print_memory_estimate(ModelConfig.from_name(cfg.model, **model_args), cfg.batch_size, cfg.lora_r,
+                                  bf16=cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()))
             return
         train(cfg, model_args, explicit)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # before the loop started: nothing of this run was saved
+        print("interrupted before the first checkpoint of this run: nothing was saved", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint in out_dir is complete; continue with --resume", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 
+if os.environ.get("NANO_QUICK") and "--quick" not in sys.argv:  # tests/test_docs.py: every experiment, quickly
+    sys.argv.append("--quick")
+
 # where results and cached runs go (the tests point it at a temporary folder)
 OUT = os.environ.get("EXPERIMENTS_OUT", os.path.join(ROOT, "experiments", "out"))
 # The base model of the experiments: 4 x 128, 8 heads, 128 characters of context.

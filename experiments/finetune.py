@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from common import OUT, save_figure  # noqa: E402
 import hf  # noqa: E402
 import peft  # noqa: E402
+import plan  # noqa: E402
 import train  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from model import ModelConfig, Transformer, count_params  # noqa: E402
@@ -162,7 +163,7 @@ def merge_errors(base, adapter_dir, x):
     num, den = 0.0, 0.0
     for m in peft.lora_layers(model):
         w0, dw = m.base.dequantize().double(), m.delta_weight().double()
-        num += (peft.requantize(m.base, (w0 + dw).float()).dequantize().double() - (w0 + dw)).abs().sum().item()
+        num += (m.base.with_weight((w0 + dw).float()).dequantize().double() - (w0 + dw)).abs().sum().item()
         den += dw.abs().sum().item()
     import warnings
     with warnings.catch_warnings(record=True) as caught:
@@ -176,9 +177,11 @@ def merge_errors(base, adapter_dir, x):
 def memory_table():
     """TinyLlama-1.1B fine-tuning memory from shapes (bytes); activations left out."""
     config = ModelConfig.from_name("tinyllama_1b")
-    return {"full fine-tuning (16-bit)": peft.finetune_memory(config, r=0),
-            "LoRA r=64 all (16-bit base)": peft.finetune_memory(config, r=64, targets="all", base_bits=16),
-            "QLoRA r=64 all (NF4+DQ base)": peft.finetune_memory(config, r=64, targets="all", base_bits=4)}
+    est = plan.estimate_memory(config, batch_size=1, seq_len=256, lora_r=64, weight_bytes=2, base_bytes=2)
+    parts = {"full fine-tuning (16-bit)": est["full"], "LoRA r=64 all (16-bit base)": est["lora"],
+             "QLoRA r=64 all (NF4+DQ base)": est["qlora"]}
+    return {name: {k: v for k, v in p.items() if k != "activations"} | {"total": p["total"] - p["activations"]}
+            for name, p in parts.items()}
 
 
 def plot(rows, base_val, memory, path):

@@ -16,6 +16,7 @@ import os
 
 from common import OUT, plt, run, sizes, write
 
+import plan  # noqa: E402
 import train  # noqa: E402
 from model import ModelConfig, flops_per_token  # noqa: E402
 
@@ -27,7 +28,7 @@ def main():
     s = sizes(args.quick)
     root = os.path.join(OUT, "parallel_block" + ("_quick" if args.quick else ""))
     import torch
-    peak = train.peak_flops(torch.device("cpu"), torch.float32)
+    peak = plan.peak_flops(torch.device("cpu"), torch.float32)
     results = {"peak_flops": peak}
     for name, flag in [("serial", "false"), ("parallel", "true")]:
         h, sec = run(os.path.join(root, name), s, "--parallel_block", flag, eval_every=max(s["iters"] // 8, 1))

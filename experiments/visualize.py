@@ -78,7 +78,7 @@ def main():
     for k, name in enumerate(["demo", "tinyllama_1b"]):
         if 2 + k >= axes.shape[1]:
             break
-        cfg = train.PRESETS[name]
+        cfg = train.CONFIGS[name]
         steps = list(range(0, cfg.max_iters, max(cfg.max_iters // 400, 1)))
         lrs = [train.get_lr(i, cfg) for i in steps]
         schedules[name] = {"warmup_iters": cfg.warmup_iters, "max_iters": cfg.max_iters,

@@ -27,3 +27,34 @@ def char_dataset(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# a tiny model for train.py runs that take seconds
+TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--block_size", "32",
+        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1"]
+
+
+def train_cmd(dataset, out_dir, *args):
+    """The command line of a tiny train.py run, for subprocess tests."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", dataset, "--out_dir", out_dir] + TINY + \
+        list(args)
+
+
+def one_error_line(capsys, fn, argv):
+    """Run a script's main(argv): it must exit 1 printing exactly one `error:` line."""
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder: to show that nothing changed."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from model import ModelConfig
-from train import estimate_memory
+from plan import estimate_memory
 
 
 def test_memory_estimate_parts():

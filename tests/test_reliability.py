@@ -21,18 +21,9 @@ import torch
 import sample
 import checkpoint
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY, one_error_line, train_cmd
 from model import ModelConfig, Transformer
 from checkpoint import load_checkpoint
-
-TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--block_size", "32",
-        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1"]
-
-
-def train_cmd(dataset, out_dir, *args):
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", dataset, "--out_dir", out_dir] + TINY + \
-        list(args)
-
 
 # ----------------------------------------------------------------------------- crash safety
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(char_dataset, tmp_path):
@@ -161,15 +152,6 @@ def test_a_pickle_with_a_code_payload_is_refused(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- bad input, one line each
-def one_error_line(capsys, fn, argv):
-    """Run a script's main(argv): it must exit 1 printing exactly one `error:` line."""
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, char_dataset):
     out = str(tmp_path_factory.mktemp("trained"))
@@ -180,7 +162,7 @@ def trained(tmp_path_factory, char_dataset):
 
 
 TRAIN_ERRORS = [
-    (["--config", "nope"], "unknown config 'nope'; known configs: debug, demo, tinyllama_1b"),
+    (["--config", "nope"], "unknown config 'nope'; known configs: debug, first, demo, tinyllama_1b"),
     (["--n_layr", "3"], "unknown option --n_layr; did you mean --n_layer?"),
     (["--max_iters", "many"], "--max_iters expects a int, got 'many'"),
     (["--n_kv_head", "3"], "n_head (4) must be divisible by n_kv_head (3)"),

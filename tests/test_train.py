@@ -1,7 +1,6 @@
 """train.py and sample.py end to end on tiny models: overrides, schedule, checkpoints,
 exact resume, two processes (DDP and FSDP), fine-tuning from a Hugging Face directory."""
 
-import json
 import os
 import subprocess
 import sys
@@ -36,14 +35,18 @@ def test_overrides_are_parsed_by_type():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--config", "gpt9"], "unknown config 'gpt9'; known configs: debug, demo, tinyllama_1b"),
+    (["--config", "gpt9"], "unknown config 'gpt9'; known configs: debug, first, demo, tinyllama_1b"),
     (["--n_layers", "4"], "unknown option --n_layers; did you mean --n_layer"),
     (["--learning_rate", "fast"], "--learning_rate expects a float, got 'fast'"),
     (["--n_layer", "2.5"], "--n_layer expects a int"),
     (["--compile", "maybe"], "--compile expects a bool"),
-    (["--dist", "horovod"], "--dist must be ddp or fsdp"),
+    (["--dist", "horovod"], "--dist must be one of 'ddp', 'fsdp', got 'horovod'"),
     (["--batch_size", "0"], "batch_size must be >= 1"),
-    (["--max_iters"], "--max_iters needs a value"),
+    (["--max_iters"], "--max_iters: expected one argument"),
+    (["--min_lr", "0.1"], r"min_lr \(0.1\) is above learning_rate \(0.001\)"),
+    (["--learning_rate", "nan"], "learning_rate must be a finite number > 0, got nan"),
+    (["--beta2", "1.5"], r"beta2 must be in \[0, 1\)"),
+    (["--dropout", "1.0"], r"dropout must be in \[0, 1\)"),
 ])
 def test_bad_overrides_are_named(argv, match):
     with pytest.raises(ValueError, match=match):

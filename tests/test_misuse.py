@@ -1,0 +1,325 @@
+"""Misuse, class by class: each case ends with exit status 1, one `error:` line and no
+change on disk. One place in the code makes each class impossible:
+
+ 1. a failing run never damages its out_dir      train.save (nothing written before it), tokenizer fingerprints
+ 2. two runs into one out_dir                     checkpoint.lock_out_dir
+ 3. a PEFT run whose base changed                 runs.base_fingerprint
+ 4. Hugging Face configs                          hf.config_from_hf
+ 5. numbers out of range                          train.check_train_config, ModelConfig, model.check_sampling_args
+ 6. devices                                       runs.resolve_device
+ 7. data                                          train.load_dataset, train.draw_offsets
+ 8. adapters                                      peft.parse_targets, hf.read_lora_config, train.setup
+ 9. interrupts                                    train.loop's signal handler, sample.main
+10. tools check before they work                  runs.check_finite, bench.py's out_dir check
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from checkpoint import load_checkpoint, save_checkpoint, write_json
+from conftest import ROOT, TINY, one_error_line, snapshot, train_cmd
+from hf import config_from_hf
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(argv, dataset):
+    cfg, model_args, explicit = train.parse_args(["--dataset", dataset] + TINY + argv)
+    return train.train(cfg, model_args, explicit)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, char_dataset):
+    out = str(tmp_path_factory.mktemp("trained"))
+    run(["--out_dir", out, "--max_iters", "2", "--eval_interval", "2"], char_dataset)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, char_dataset, trained):
+    base = str(tmp_path_factory.mktemp("base"))
+    shutil.copytree(trained, base, dirs_exist_ok=True)
+    out = str(tmp_path_factory.mktemp("lora"))
+    run(["--init_from", base, "--peft", "lora", "--lora_r", "2", "--out_dir", out, "--max_iters", "2",
+         "--eval_interval", "2"], char_dataset)
+    return base, out
+
+
+def tiny_dataset(folder, train_tokens, val_tokens, vocab=40):
+    """A character dataset written by hand: meta.json, train.bin, val.bin."""
+    os.makedirs(folder, exist_ok=True)
+    chars = "".join(chr(32 + i) for i in range(vocab))
+    write_json({"tokenizer": "char", "chars": chars, "vocab_size": vocab, "dtype": "uint16",
+                "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)}, os.path.join(folder, "meta.json"))
+    np.array(train_tokens, dtype=np.uint16).tofile(os.path.join(folder, "train.bin"))
+    np.array(val_tokens, dtype=np.uint16).tofile(os.path.join(folder, "val.bin"))
+    return folder
+
+
+# ----------------------------------------------------------------------------- 1. a failing run changes nothing
+def test_a_run_that_fails_at_its_first_evaluation_leaves_the_out_dir_as_it_was(trained, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    short_val = tiny_dataset(str(tmp_path / "short_val"), list(range(40)) * 50, [1, 2, 3])
+    err = one_error_line(capsys, train.main, ["--dataset", short_val, "--out_dir", out] + TINY)
+    assert "the val split has 3 tokens, but one sequence of block_size=32 needs block_size + 2 = 34" in err
+    assert snapshot(out) == before  # the old tokenizer and checkpoint are untouched
+
+
+def test_a_checkpoint_never_samples_with_another_runs_tokenizer(trained, tmp_path, capsys):
+    out = str(tmp_path / "mixed")
+    shutil.copytree(trained, out)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    write_json({**meta, "chars": meta["chars"][::-1]}, os.path.join(out, "meta.json"))  # another run's tokenizer
+    before = snapshot(out)
+    err = one_error_line(capsys, sample.main, ["--out_dir", out, "--max_new_tokens", "2"])
+    assert "are not the ones the checkpoint was trained with" in err
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- 2. one run per out_dir
+def test_two_runs_into_one_out_dir_exactly_one_proceeds(char_dataset, tmp_path):
+    out = str(tmp_path / "shared")
+    first = subprocess.Popen(train_cmd(char_dataset, out, "--max_iters", "400", "--eval_interval", "400"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    for line in first.stdout:  # the lock is taken before the header is printed
+        if line.startswith("model "):
+            break
+    second = subprocess.run(train_cmd(char_dataset, out, "--max_iters", "2"), capture_output=True, text=True,
+                            timeout=120, env=ONE_THREAD)
+    assert second.returncode == 1 and "is in use by process" in second.stderr, second.stderr
+    first.stdout.read()
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert load_checkpoint(out)["iter_num"] == 400  # the first run's result, whole
+    after = subprocess.run(train_cmd(char_dataset, out, "--max_iters", "402", "--resume"), capture_output=True,
+                           text=True, timeout=120, env=ONE_THREAD)
+    assert after.returncode == 0, after.stderr  # the lock was released at exit
+
+
+# ----------------------------------------------------------------------------- 3. the base of an adapter
+def test_a_peft_run_refuses_a_base_that_changed(lora_run, char_dataset, capsys):
+    base, out = lora_run
+    ckpt = load_checkpoint(base)
+    changed = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    save_checkpoint({**ckpt, "model": changed}, os.path.join(base, "ckpt.pt"))
+    before = snapshot(out)
+    err = one_error_line(capsys, sample.main, ["--out_dir", out, "--max_new_tokens", "2"])
+    assert f"the base {base} of the --peft run" in err and "changed since the adapter was trained" in err
+    err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir", out, "--resume",
+                                              "--max_iters", "4"])
+    assert "changed since the adapter was trained" in err
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- 4. Hugging Face configs
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 64,
+         "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 64}
+HF_CONFIGS = [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope scaling 'yarn'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"mlp_bias": True}, "biases in attention or MLP"),
+    ({"attention_dropout": 0.1}, "attention_dropout=0.1"),
+    ({"head_dim": 32}, "head_dim=32 with hidden_size != num_attention_heads * head_dim"),
+    ({"hidden_size": None}, "field 'hidden_size' is missing"),
+    ({"num_hidden_layers": "2"}, "field 'num_hidden_layers' must be int, got '2'"),
+    ({"tie_word_embeddings": "yes"}, "field 'tie_word_embeddings' must be bool"),
+    ({"rope_theta": "big"}, "field 'rope_theta' must be float"),
+    ({"num_key_value_heads": 3}, "n_head (4) must be divisible by n_kv_head (3)"),
+]
+
+
+@pytest.mark.parametrize("change, message", HF_CONFIGS, ids=[m[:30] for _, m in HF_CONFIGS])
+def test_hugging_face_config_fields_are_read_or_refused(change, message):
+    hf = {k: v for k, v in {**LLAMA, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match="^cfg/config.json: ") as e:
+        config_from_hf(hf, "cfg/config.json")
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("spelling", [{"rope_theta": 5e5}, {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+                                      {"rope_scaling": {"rope_type": "default", "rope_theta": 5e5}}])
+def test_rope_theta_is_read_in_every_spelling_as_transformers_reads_it(spelling):
+    ours = config_from_hf({**LLAMA, **spelling})
+    assert ours.rope_theta == 5e5
+    transformers = pytest.importorskip("transformers", reason="the oracle is transformers' LlamaConfig")
+    theirs = transformers.LlamaConfig(**{k: v for k, v in {**LLAMA, **spelling}.items()
+                                         if k not in ("architectures", "model_type")})
+    assert theirs.rope_parameters["rope_theta"] == ours.rope_theta
+    assert (theirs.rms_norm_eps, theirs.num_key_value_heads) == (ours.norm_eps, ours.n_kv_head)
+
+
+def test_hugging_face_files_that_do_not_fit(tmp_path, capsys):
+    import hf
+    from model import Transformer
+    from conftest import tiny_config
+    path = tmp_path / "hf"
+    hf.save_llama(Transformer(tiny_config()), str(path))
+    (path / "tokenizer.json").write_text("{}")
+    (path / "config.json").write_text('{"model_type": "llama",')  # malformed JSON
+    err = one_error_line(capsys, sample.main, ["--hf_dir", str(path)])
+    assert "config.json is not valid JSON" in err
+    hf.save_llama(Transformer(tiny_config()), str(path))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    err = one_error_line(capsys, sample.main, ["--hf_dir", str(path)])
+    assert "tensor 'model.layers.0.mlp.gate_proj.weight' has shape (160, 64) but config.json implies (128, 64)" in err
+
+
+# ----------------------------------------------------------------------------- 5. numbers out of range
+TRAIN_NUMBERS = [
+    (["--learning_rate", "-1"], "learning_rate must be a finite number > 0, got -1.0"),
+    (["--learning_rate", "inf"], "learning_rate must be a finite number > 0, got inf"),
+    (["--min_lr", "0.5"], "min_lr (0.5) is above learning_rate (0.001)"),
+    (["--beta1", "1"], "beta1 must be in [0, 1), got 1.0"),
+    (["--lora_dropout", "-0.1"], "lora_dropout must be in [0, 1)"),
+    (["--grad_accum", "0"], "grad_accum must be >= 1, got 0"),
+    (["--eval_iters", "0"], "eval_iters must be >= 1, got 0"),
+    (["--max_iters", "-5"], "max_iters must be >= 0, got -5"),
+    (["--weight_decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+    (["--n_layer", "0"], "n_layer must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv, message", TRAIN_NUMBERS, ids=[a[0] for a, _ in TRAIN_NUMBERS])
+def test_train_numbers_out_of_range(argv, message, char_dataset, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert message in one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir", str(out)] + argv)
+    assert not out.exists()
+
+
+SAMPLE_NUMBERS = [
+    (["--num_samples", "0"], "--num_samples and --max_new_tokens must be >= 1, got 0 and 200"),
+    (["--max_new_tokens", "-1"], "--num_samples and --max_new_tokens must be >= 1, got 1 and -1"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 is greedy), got nan"),
+    (["--temperature", "1e-45"], "temperature 1e-45 is so small that logits / temperature overflow"),
+    (["--top_k", "0"], "top_k must be a positive integer or None, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SAMPLE_NUMBERS, ids=[a[0] + a[1] for a, _ in SAMPLE_NUMBERS])
+def test_sample_numbers_out_of_range(argv, message, trained, capsys):
+    before = snapshot(trained)
+    assert message in one_error_line(capsys, sample.main, ["--out_dir", trained] + argv)
+    assert snapshot(trained) == before
+
+
+# ----------------------------------------------------------------------------- 6. devices
+@pytest.mark.parametrize("device, message", [("tpu", "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+                                             ("cuda", "this machine has no CUDA GPU; use --device cpu")])
+def test_devices_are_one_line_in_every_tool(device, message, trained, char_dataset, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert message in one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir",
+                                                          str(tmp_path / "x"), "--device", device])
+    assert message in one_error_line(capsys, sample.main, ["--out_dir", trained, "--device", device])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", device, "--quick",
+                        "--out_dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {message}" or message in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- 7. data
+def test_token_ids_beyond_the_vocabulary_are_found_when_the_dataset_opens(tmp_path, capsys):
+    bad = tiny_dataset(str(tmp_path / "bad"), list(range(40)) * 50 + [45], list(range(40)) * 5)
+    out = tmp_path / "never"
+    err = one_error_line(capsys, train.main, ["--dataset", bad, "--out_dir", str(out)] + TINY)
+    assert "train.bin holds token id 45, outside the tokenizer's vocabulary of 40" in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 8. adapters
+def test_adapter_misuse(lora_run, trained, char_dataset, tmp_path, capsys):
+    _, out = lora_run
+    err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--init_from", trained, "--peft", "lora",
+                                              "--lora_targets", "q,v,q", "--out_dir", str(tmp_path / "dup")])
+    assert "LoRA targets ['q'] are named more than once" in err and not (tmp_path / "dup").exists()
+    before = snapshot(out)
+    err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir", out, "--resume",
+                                              "--peft", "prefix"])
+    assert "is a --peft lora run; it cannot be resumed with --peft prefix" in err
+    assert snapshot(out) == before
+    adapter = tmp_path / "adapter"
+    shutil.copytree(os.path.join(out, "adapter"), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for change, message in [({"r": "2"}, "r is '2', not a int"), ({"lora_alpha": [1]}, "lora_alpha is [1]"),
+                            ({"lora_dropout": 2}, "lora_dropout must be a number in [0, 1)")]:
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        err = one_error_line(capsys, sample.main, ["--out_dir", trained, "--adapter", str(adapter)])
+        assert message in err
+
+
+# ----------------------------------------------------------------------------- 9. interrupts
+def test_sigterm_saves_a_final_checkpoint_and_exits_143(char_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(train_cmd(char_dataset, out, "--max_iters", "100000", "--eval_interval", "100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    saved = load_checkpoint(out)["iter_num"]
+    assert saved >= 3 and f"stopped by SIGTERM at iteration {saved}: saved" in err and "--resume" in err
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_claim_one(char_dataset, monkeypatch, tmp_path, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build_model", interrupted)  # Ctrl-C while the model is being built
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", char_dataset, "--out_dir", str(tmp_path / "x")] + TINY)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "nothing was saved" in err and "complete" not in err
+
+
+def test_ctrl_c_in_sample_ends_the_stream_cleanly(trained):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir", trained,
+                             "--max_new_tokens", "100000", "--num_samples", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    time.sleep(0.5)
+    while proc.poll() is None and not proc.stdout.read(1):  # wait for the first streamed text
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
+
+
+# ----------------------------------------------------------------------------- 10. tools check before they work
+def test_nan_in_loaded_weights_is_bad_input_not_a_divergence(trained, char_dataset, tmp_path, capsys):
+    bad = tmp_path / "nan"
+    shutil.copytree(trained, bad)
+    ckpt = load_checkpoint(str(bad))
+    ckpt["model"]["layers.0.attention.wq.weight"][0, 0] = float("nan")
+    save_checkpoint(ckpt, str(bad / "ckpt.pt"))
+    err = one_error_line(capsys, sample.main, ["--out_dir", str(bad)])
+    assert "tensor layers.0.attention.wq.weight holds NaN or inf values; the checkpoint is damaged" in err
+    err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--init_from", str(bad), "--out_dir",
+                                              str(tmp_path / "ft")] + TINY)
+    assert "holds NaN or inf values" in err and "diverged" not in err
+
+
+def test_bench_checks_its_out_dir_first(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    start = time.time()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--out_dir", str(tmp_path / "a_file" / "o")],
+                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.returncode == 1 and "is not writable" in r.stderr and time.time() - start < 60, r.stderr
