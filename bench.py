@@ -24,15 +24,18 @@ import time
 import torch
 import torch.nn.functional as F
 
+import peft
+import quant
+from attention import KVCache
+from checkpoint import write_json
 from hf import config_to_hf, hf_module_name
 from model import ModelConfig, Transformer, count_params, flops_per_token
-from sample import column_major
 from plan import estimate_memory, format_bytes, peak_flops
-from checkpoint import write_json
-from runs import resolve_device
-from train import TrainConfig, check_out_dir, make_optimizer
+from runs import check_out_dir, resolve_device
+from sample import column_major
+from train import TrainConfig, make_optimizer
 
-# the two training shapes of the performance issue: the demo preset and a larger one
+# two training shapes: the demo preset and a larger one
 TRAIN_CASES = {
     "demo (12.6M, 8x256)": (dict(ModelConfig.from_name("demo").to_dict()), 8),
     "larger (8x512 GQA 8/2, 4x512)": (dict(vocab_size=8192, block_size=512, n_layer=8, n_embd=512, n_head=8,
@@ -198,7 +201,6 @@ def bench_roofline(model_args):
 # ----------------------------------------------------------------------------- 3. KV cache size
 def bench_kv(model_names):
     """Bytes per cached token (all layers, K and V, fp32) for n_kv_head = n_head, n_head / 4, 1."""
-    from attention import KVCache
     rows = []
     for name in model_names:
         base = ModelConfig.from_name(name)
@@ -257,8 +259,6 @@ def qlora_model(config, r=8):
     """QLoRA's setting (section 4) built one block at a time, so the fp32 base never exists
     whole: each block is created, initialized, its linears stored in NF4 + double
     quantization, then the next; LoRA r on all projections; embeddings and head fp32."""
-    import peft
-    import quant
     with torch.device("meta"):
         model = Transformer(config)
     for module in [model.tok_embeddings, model.norm, model.output, *model.layers]:

@@ -126,9 +126,12 @@ def lock_out_dir(out_dir):
     """Hold out_dir/.lock (an fcntl lock, with our pid written in it) until the process
     exits. A second run into the same out_dir is refused with the holder's pid; the
     kernel drops the lock of a process that died, so a stale lock file never blocks."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
-    f = open(path, "a+")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -146,9 +149,10 @@ def lock_out_dir(out_dir):
 
 
 def unlock_out_dir(out_dir):
+    """Release the lock and remove the lock file: a finished run leaves only its results."""
     f = _locks.pop(os.path.abspath(out_dir), None)
     if f is not None:
-        f.truncate(0)
+        os.remove(os.path.join(out_dir, ".lock"))
         f.close()
 
 

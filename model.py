@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import quant
@@ -190,6 +191,7 @@ class Transformer(nn.Module):
                 device=lin.weight.device))
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.grad_checkpoint = False  # train.py --grad_checkpoint: recompute each block in backward
         self.reset_rope()
         self.reset_parameters()
 
@@ -240,7 +242,12 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:start_pos + T]  # (T, hd)
         sin = self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches is not None else None, mask)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # activation checkpointing: keep only the block's input, recompute its insides
+                # in the backward pass (rematerialization, PaLM arXiv:2204.02311 section 4)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, caches[i] if caches is not None else None, mask)
         return self.norm(x)
 
     def sparse_mask(self, T, cached, device):

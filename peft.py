@@ -1,6 +1,6 @@
 r"""Parameter-efficient fine-tuning: LoRA, prefix-tuning and QLoRA's paged AdamW.
 
-Papers (summaries in PAPERS.md):
+Papers:
   - LoRA (Hu et al., arXiv:2106.09685) section 4.1: h = W0 x + (alpha / r) B A x.
   - Prefix-tuning (Li & Liang, arXiv:2101.00190) section 4.2-4.3: trainable keys and
     values at every layer, reparametrized through an MLP during training only.
@@ -299,9 +299,9 @@ class PagedAdamW(torch.optim.Optimizer):
                 t = state["step"].item()
                 bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
                 p.mul_(1 - lr * wd)  # decoupled weight decay
-                grad = p.grad if p.grad.stride() == p.stride() else torch.empty_like(p).copy_(p.grad)
+                grad = p.grad.contiguous()
                 on_cuda |= p.device.type == "cuda"
-                pages = zip(*(memory_order(t).split(self.page_numel)
+                pages = zip(*(t.view(-1).split(self.page_numel)
                               for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])))
                 for w, g, m_host, v_host in pages:
                     m, v = m_host.to(p.device, non_blocking=True), v_host.to(p.device, non_blocking=True)  # page in
@@ -316,7 +316,3 @@ class PagedAdamW(torch.optim.Optimizer):
             torch.cuda.synchronize()
         return loss
 
-
-def memory_order(t):
-    """A 1-D view of a dense tensor's elements in the order they lie in memory (for paging)."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())

@@ -15,6 +15,7 @@ figure for GPUs, a measured fp32 matmul rate on CPU.
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -27,14 +28,16 @@ PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L
 
 
 def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, base_bytes=2,
-                    activation_bytes=4):
+                    activation_bytes=4, grad_checkpoint=False):
     """Bytes of one training step for full fine-tuning, LoRA and QLoRA, and the decoding cache.
 
     Activations are counted per token and layer from the forward: the RMSNorm inputs, the
     normed inputs of the projections, q/k/v and the attention output that SDPA keeps,
     SwiGLU's four (B, T, intermediate) tensors; plus the logits with their log-softmax and
-    the two gradients of the loss, and one layer's gradients in flight. LoRA adapts all
-    seven linear layers of every block (QLoRA section 4's setting).
+    the two gradients of the loss, and one layer's gradients in flight. With
+    grad_checkpoint, each block keeps only its input (C per token) and one block's
+    activations exist at a time, recomputed in the backward pass. LoRA adapts all seven
+    linear layers of every block (QLoRA section 4's setting).
     """
     T = seq_len or config.block_size
     C, I, L, V = config.n_embd, config.intermediate_size, config.n_layer, config.vocab_size
@@ -42,7 +45,8 @@ def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, 
     n = count_params(config)
     shapes = block_linear_shapes(config)
     n_block_linear = L * sum(o * i for o, i in shapes.values())
-    per_token = L * (7 * C + 2 * kv + 4 * I) + 3 * C + 5 * V + 4 * I + 4 * C
+    block = 7 * C + 2 * kv + 4 * I  # what one block keeps per token for its backward
+    per_token = (L * C + block if grad_checkpoint else L * block) + 3 * C + 5 * V + 4 * I + 4 * C
     activations = activation_bytes * batch_size * T * per_token
     lora_params = L * sum(lora_r * (o + i) for o, i in shapes.values())
     adapters = {"weights": 4 * lora_params, "gradients": 4 * lora_params, "optimizer": 8 * lora_params}
@@ -59,6 +63,47 @@ def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, 
     return out
 
 
+def device_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg, config, device, dtype, world):
+    """Stop before training when the memory estimate (plan.py) exceeds the device's memory,
+    naming the knobs that make it fit."""
+    def need(**kw):
+        args = dict(batch_size=cfg.batch_size, grad_checkpoint=cfg.grad_checkpoint) | kw
+        est = estimate_memory(config, args["batch_size"], config.block_size, cfg.lora_r,
+                              activation_bytes=2 if dtype == torch.bfloat16 else 4,
+                              grad_checkpoint=args["grad_checkpoint"])[kw.get("mode", cfg.peft or "full")]
+        sharded = est["total"] - est["activations"] if cfg.dist == "fsdp" and world > 1 else 0
+        return est["total"] - sharded + sharded / world
+    have = device_memory(device)
+    if need() <= have:
+        return
+    options = [f"--batch_size 1 ({format_bytes(need(batch_size=1))})" if cfg.batch_size > 1 else None,
+               f"--grad_checkpoint true ({format_bytes(need(grad_checkpoint=True))})" if not cfg.grad_checkpoint
+               else None,
+               f"both ({format_bytes(need(batch_size=1, grad_checkpoint=True))})"
+               if cfg.batch_size > 1 and not cfg.grad_checkpoint else None,
+               f"--peft qlora ({format_bytes(need(mode='qlora'))})" if cfg.peft != "qlora" else None]
+    raise ValueError(f"one training step needs about {format_bytes(need())} ({cfg.batch_size} x {config.block_size} "
+                     f"tokens, {cfg.peft or 'full'} training) but {device} has {format_bytes(have)}; make it fit "
+                     f"with " + ", ".join(o for o in options if o) + " (see --estimate_memory)")
+
+
+def check_epochs(cfg, config, meta):
+    """Say so when the schedule reads a dataset many times over: a preset built for a real
+    corpus, run on the small default one."""
+    tokens = (cfg.max_iters - 0) * cfg.grad_accum * cfg.batch_size * config.block_size
+    epochs = tokens / max(meta["train_tokens"], 1)
+    if epochs > 100:
+        print(f"note: the schedule reads {tokens:,} tokens, {epochs:,.0f} passes over dataset {cfg.dataset} "
+              f"({meta['train_tokens']:,} tokens); for a real run prepare a real corpus: python data/prepare.py "
+              f"--corpus PATH --out data/mine, then --dataset data/mine")
+
+
 def format_bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -66,10 +111,12 @@ def format_bytes(n):
         n /= 1024
 
 
-def print_memory_estimate(config, batch_size, lora_r=8, bf16=False):
-    est = estimate_memory(config, batch_size, config.block_size, lora_r, activation_bytes=2 if bf16 else 4)
+def print_memory_estimate(config, batch_size, lora_r=8, bf16=False, grad_checkpoint=False):
+    est = estimate_memory(config, batch_size, config.block_size, lora_r, activation_bytes=2 if bf16 else 4,
+                          grad_checkpoint=grad_checkpoint)
     print(f"memory estimate for {batch_size} x {config.block_size} tokens per micro-batch "
-          f"({est['params']:,} parameters, {'bf16 autocast' if bf16 else 'fp32'} activations):")
+          f"({est['params']:,} parameters, {'bf16 autocast' if bf16 else 'fp32'} activations"
+          f"{', activation checkpointing' if grad_checkpoint else ''}):")
     for mode in ("full", "lora", "qlora"):
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est[mode].items() if k != "total")
         print(f"  {mode:5s}: {format_bytes(est[mode]['total']):>12s}  ({parts})")

@@ -10,6 +10,7 @@ sample.py and the experiments all go through here.
 """
 
 import os
+import shutil
 
 import safetensors.torch
 import torch
@@ -17,7 +18,8 @@ import torch
 import hf
 import peft
 import quant
-from checkpoint import check_same_config, fingerprint, load_checkpoint, read_json, tokenizer_fingerprint
+from checkpoint import (atomic_write, check_same_config, fingerprint, load_checkpoint, read_json, save_figure,
+                        tokenizer_fingerprint)
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, convert_kv_heads
 
@@ -148,6 +150,48 @@ def load_run(out_dir, device="cpu"):
         raise ValueError(f"{out_dir}: the tokenizer files (meta.json, tokenizer.tiktoken) are not the ones the "
                          f"checkpoint was trained with; copy them from the run's dataset")
     return model.to(device).eval(), load_tokenizer(out_dir), ckpt
+
+
+# ----------------------------------------------------------------------------- an out_dir
+def check_out_dir(out_dir, needed_bytes):
+    """Fail before training, not after an hour: out_dir must be writable with room for
+    two checkpoints (the new one is written before the old one is replaced)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(os.path.join(out_dir, ".write_test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(out_dir, ".write_test"))
+    except OSError as e:
+        raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
+    free = shutil.disk_usage(out_dir).free
+    if free < 2 * needed_bytes:
+        raise OSError(f"out_dir {out_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
+                      f"{2 * needed_bytes / 1e9:.2f} GB; free some space or choose another --out_dir")
+
+
+def copy_tokenizer(data_dir, out_dir):
+    """meta.json (and the BPE file) next to the checkpoint: sample.py needs only out_dir."""
+    for name in ("meta.json", "tokenizer.tiktoken"):
+        src = os.path.join(data_dir, name)
+        if os.path.exists(src):
+            with open(src, "rb") as f:
+                data = f.read()
+            atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
+
+
+def plot_losses(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["iter"], history["train_loss"], lw=1, label="train (per step)")
+    if history["eval_iter"]:
+        ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val")
+    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- adapters

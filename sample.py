@@ -80,8 +80,9 @@ def store_column_major(model):
 
     Decoding one token multiplies a single vector by every weight matrix: the work is
     reading 4 bytes per parameter, so memory bandwidth, not FLOPs, sets the speed. The
-    CPU BLAS reads a matrix faster in the x @ W^T product when W^T is the
-    contiguous one (measured in bench.py); training's large matmuls do not care. The
+    CPU BLAS reads a matrix faster in the x @ W^T product when W^T is the contiguous
+    one: the speed-up is measured by `python bench.py --only decode` (README, Performance);
+    training's large matmuls do not care. The
     values, the shape and the state_dict are the same as nn.Linear's; only the strides
     differ. A weight tied to the embedding stays row-major (lookups read its rows).
     """

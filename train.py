@@ -28,7 +28,6 @@ import argparse
 import difflib
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -40,14 +39,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (atomic_write, load_checkpoint, lock_out_dir, read_json, save_checkpoint, save_figure,
-                        tokenizer_fingerprint, unlock_out_dir)
+from checkpoint import load_checkpoint, lock_out_dir, read_json, save_checkpoint, tokenizer_fingerprint, unlock_out_dir
 from data.prepare import dataset_dir, prepare
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, count_params, flops_per_token
-from peft import parse_targets
-from plan import peak_flops, print_memory_estimate
-from runs import build_model, check_finite, resolve_device, save_adapter
+from peft import PagedAdamW, parse_targets
+from distributed import gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum, state_dicts, wrap_model
+from plan import check_epochs, check_fits, peak_flops, print_memory_estimate
+from runs import build_model, check_finite, check_out_dir, copy_tokenizer, plot_losses, save_adapter
 
 
 # ----------------------------------------------------------------------------- config
@@ -80,6 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
     compile: bool = False  # torch.compile the model
+    grad_checkpoint: bool = False  # recompute each block in the backward pass: activations of one block, not all
     dist: str = "ddp"  # under torchrun: ddp or fsdp
     seed: int = 1337
     kv_init: str = ""  # with --init_from and a new --n_kv_head: mean, first or random (convert_kv_heads)
@@ -276,7 +276,6 @@ def make_optimizer(model, cfg, device):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.peft == "qlora":
-        from peft import PagedAdamW
         return PagedAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type in ("cuda", "cpu"))
@@ -291,120 +290,6 @@ def get_lr(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-# ----------------------------------------------------------------------------- distributed
-def setup_distributed(cfg):
-    """Under torchrun (RANK is set) join the process group: gloo on CPU, nccl on GPU."""
-    device = resolve_device(cfg.device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def split_grad_accum(cfg, world, master):
-    """Micro-batches per process. Fewer micro-batches than processes are raised to one per
-    process (the batch grows to world * batch_size sequences, said once); a count that does
-    not split evenly is refused with the count that does."""
-    if cfg.grad_accum < world:
-        if master:
-            print(f"note: grad_accum raised from {cfg.grad_accum} to {world}, one micro-batch per process: "
-                  f"{world} x {cfg.batch_size} sequences per step")
-        cfg.grad_accum = world
-    if cfg.grad_accum % world:
-        up = -(-cfg.grad_accum // world) * world
-        raise ValueError(f"grad_accum={cfg.grad_accum} does not split over {world} processes; "
-                         f"use --grad_accum {up} (or {up - world})")
-    return cfg.grad_accum // world
-
-
-def wrap_model(model, cfg, world, device):
-    """DDP replicates the model and averages gradients; FSDP shards parameters, gradients
-    and optimizer state across processes (one shard group per Block)."""
-    if world > 1 and cfg.dist == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    wrapped = torch.compile(model) if cfg.compile else model
-    if world > 1 and cfg.dist == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    return wrapped
-
-
-def grad_sync(model, sync):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if hasattr(model, "no_sync"):  # DDP
-        return nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
-        model.set_requires_gradient_sync(sync)
-    return nullcontext()
-
-
-def state_dicts(model, optimizer):
-    """Full (unsharded) model and optimizer state dicts keyed by parameter name: the same
-    format for one process, DDP and FSDP, so a checkpoint moves between them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_state_dicts(model, optimizer, model_sd, optim_sd):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def gather(tensor, world):
-    out = [None] * world
-    dist.all_gather_object(out, tensor)
-    return out
-
-
-# ----------------------------------------------------------------------------- out_dir
-def check_out_dir(out_dir, needed_bytes):
-    """Fail before training, not after an hour: out_dir must be writable with room for
-    two checkpoints (the new one is written before the old one is replaced)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write(os.path.join(out_dir, ".write_test"), lambda f: f.write(b"ok"))
-        os.remove(os.path.join(out_dir, ".write_test"))
-    except OSError as e:
-        raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
-    free = shutil.disk_usage(out_dir).free
-    if free < 2 * needed_bytes:
-        raise OSError(f"out_dir {out_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
-                      f"{2 * needed_bytes / 1e9:.2f} GB; free some space or choose another --out_dir")
-
-
-def copy_tokenizer(data_dir, out_dir):
-    """meta.json (and the BPE file) next to the checkpoint: sample.py needs only out_dir."""
-    for name in ("meta.json", "tokenizer.tiktoken"):
-        src = os.path.join(data_dir, name)
-        if os.path.exists(src):
-            with open(src, "rb") as f:
-                data = f.read()
-            atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
-
-
-def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["iter"], history["train_loss"], lw=1, label="train (per step)")
-    if history["eval_iter"]:
-        ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val")
-    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- training
@@ -458,11 +343,14 @@ def setup(cfg, model_args, explicit):
     model = build_model(asdict(cfg), model_args, r.meta["vocab_size"], r.ckpt)
     check_finite(model, cfg.init_from or cfg.out_dir)
     r.raw = model.to(r.device)
+    r.raw.grad_checkpoint = cfg.grad_checkpoint
     r.config = r.raw.config
-    if r.master:
-        check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
     r.dtype = {"auto": torch.bfloat16 if r.device.type == "cuda" else torch.float32,
                "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    check_fits(cfg, r.config, r.device, r.dtype, r.world)
+    if r.master:
+        check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
+        check_epochs(cfg, r.config, r.meta)
     r.autocast = torch.autocast(r.device.type, dtype=r.dtype) if r.dtype != torch.float32 else nullcontext()
     r.model = wrap_model(r.raw, cfg, r.world, r.device)
     r.optimizer = make_optimizer(r.raw, cfg, r.device)
@@ -520,20 +408,22 @@ def print_header(r):
           f"{cfg.batch_size} x {config.block_size}) | {r.world} process(es) on {r.device} in "
           f"{str(r.dtype).removeprefix('torch.')} | dataset {cfg.dataset} ({r.meta['train_tokens']:,} train tokens)"
           + (f" | peak {r.peak / 1e9:,.0f} GFLOP/s" if r.peak else ""))
-    print_memory_estimate(config, cfg.batch_size, cfg.lora_r, bf16=r.dtype == torch.bfloat16)
+    print_memory_estimate(config, cfg.batch_size, cfg.lora_r, bf16=r.dtype == torch.bfloat16,
+                          grad_checkpoint=cfg.grad_checkpoint)
     if cfg.compile:
         print("compiling the model (the first iterations are slow)")
 
 
 def train(cfg, model_args=None, explicit=()):
     """Run training; returns the history dict (losses per iteration and evaluation)."""
-    r = setup(cfg, model_args or {}, explicit)
+    created = not os.path.exists(cfg.out_dir)
     try:
-        return loop(r)
+        return loop(setup(cfg, model_args or {}, explicit))
     finally:
-        if r.master:
-            unlock_out_dir(r.cfg.out_dir)
-        if r.world > 1 and dist.is_initialized():
+        unlock_out_dir(cfg.out_dir)
+        if created and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):
+            os.rmdir(cfg.out_dir)  # a run that failed before its first checkpoint leaves no trace
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -652,7 +542,8 @@ def main(argv=None):
         cfg, model_args, explicit = parse_args(argv)
         if "--estimate_memory" in argv:
             print_memory_estimate(ModelConfig.from_name(cfg.model, **model_args), cfg.batch_size, cfg.lora_r,
-                                  bf16=cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()))
+                                  bf16=cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()),
+                                  grad_checkpoint=cfg.grad_checkpoint)
             return
         train(cfg, model_args, explicit)
     except Interrupted as e:

@@ -17,7 +17,6 @@ Writes experiments/out/bitnet_lr.{png,json}.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,10 +26,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from checkpoint import write_json  # noqa: E402
 from common import OUT, save_figure  # noqa: E402
 import quant  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from train import TrainConfig, load_checkpoint, load_dataset, train  # noqa: E402
+from runs import load_run  # noqa: E402
+from train import TrainConfig, load_dataset, train  # noqa: E402
 
 VARIANTS = {"fp32": {}, "BitNet (binary)": {"bitlinear": True},
             "BitNet b1.58 (ternary)": {"bitlinear": True, "bitlinear_ternary": True}}
@@ -128,9 +128,7 @@ def main():
     # the b1.58 model at its best learning rate: pack its ternary weights
     t = "BitNet b1.58 (ternary)"
     best = min(setup["lrs"], key=lambda lr: (math.isnan(results[t][str(lr)]["val_loss"]), results[t][str(lr)]["val_loss"]))
-    ckpt = load_checkpoint(os.path.join(runs_dir, f"BitNet_t_{best:g}"))
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model = load_run(os.path.join(runs_dir, f"BitNet_t_{best:g}"))[0]
     rows, totals = packing_report(model)
     print(f"b1.58 (lr {best:g}) block weights: fp32 {totals['fp32']:,} B | bf16 {totals['bf16']:,} B | "
           f"packed 2-bit {totals['packed']:,} B ({totals['bits_per_param']:.3f} bits/param); "
@@ -138,10 +136,8 @@ def main():
 
     plot(results, setup["lrs"], os.path.join(args.out, "bitnet_lr.png"))
     path = os.path.join(args.out, "bitnet_lr.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(quick=args.quick, setup=setup, results=results, packing=dict(lr=best, rows=rows, totals=totals)),
-                  f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(dict(quick=args.quick, setup=setup, results=results, packing=dict(lr=best, rows=rows, totals=totals)),
+               path)
     print(f"wrote {path} and bitnet_lr.png")
 
 

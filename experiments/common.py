@@ -1,7 +1,6 @@
 """Shared by the classroom experiments: small char-level models on the offline pydoc
 corpus, trained through train.py itself, and the JSON/PNG outputs."""
 
-import json
 import os
 import sys
 from dataclasses import asdict, replace
@@ -9,7 +8,9 @@ from dataclasses import asdict, replace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import train  # noqa: E402
+from checkpoint import load_checkpoint, write_json  # noqa: E402
 
 if os.environ.get("NANO_QUICK") and "--quick" not in sys.argv:  # tests/test_docs.py: every experiment, quickly
     sys.argv.append("--quick")
@@ -41,7 +42,7 @@ def run(out_dir, s, *args, iters=None, eval_every=None):
     cfg, model_args, explicit = train.parse_args(argv)
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt):
-        done = train.load_checkpoint(ckpt)
+        done = load_checkpoint(ckpt)
         if same_settings(done, cfg, model_args):
             if done["iter_num"] == iters:
                 return done["history"], done["history"]["step_seconds"]
@@ -62,21 +63,16 @@ def same_settings(ckpt, cfg, model_args):
 
 def write(name, quick, results, fig):
     """experiments/out/<name>.json and .png (<name>_quick.* for the smoke test)."""
-    os.makedirs(OUT, exist_ok=True)
     stem = os.path.join(OUT, name + ("_quick" if quick else ""))
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    write_json(results, stem + ".json")
     save_figure(fig, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png")
 
 
 def save_figure(fig, path, dpi=110):
-    """tight_layout, then write the PNG under a temporary name and rename it (atomic)."""
+    """tight_layout, then the PNG written atomically (checkpoint.save_figure)."""
     fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=dpi)
-    plt().close(fig)
-    os.replace(path + ".tmp", path)
+    checkpoint.save_figure(fig, path, dpi)
 
 
 def plt():

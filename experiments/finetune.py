@@ -26,13 +26,15 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from checkpoint import load_checkpoint, write_json  # noqa: E402
 from common import OUT, save_figure  # noqa: E402
 import hf  # noqa: E402
 import peft  # noqa: E402
 import plan  # noqa: E402
 import train  # noqa: E402
 from data.prepare import prepare  # noqa: E402
-from model import ModelConfig, Transformer, count_params  # noqa: E402
+from model import ModelConfig, count_params  # noqa: E402
+from runs import load_run  # noqa: E402
 
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 FULL = dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, block_size=64, vocab=4096, batch=8,
@@ -64,7 +66,7 @@ def run_train(argv):
 def pretrain(s, data, out_dir):
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt):  # cached, or cut short: continue it (resume is exact)
-        if train.load_checkpoint(ckpt)["iter_num"] < s["pretrain_iters"]:
+        if load_checkpoint(ckpt)["iter_num"] < s["pretrain_iters"]:
             run_train(["--out_dir", out_dir, "--resume"])
         return
     run_train(["--config", "demo", "--dataset", data, "--out_dir", out_dir, "--n_layer", str(s["n_layer"]),
@@ -88,7 +90,7 @@ def finetune(s, name, method, extra, base, data, root):
          "--eval_interval", str(max(n // 3, 1)), "--eval_iters", str(s["eval_iters"]), "--batch_size", str(s["batch"]),
          "--learning_rate", str(lr), "--min_lr", str(lr / 10), "--warmup_iters", str(max(n // 10, 1)),
          "--weight_decay", "0", "--log_interval", str(max(n // 3, 1)), "--peft", method] + extra)
-    ckpt = train.load_checkpoint(out_dir)
+    ckpt = load_checkpoint(out_dir)
     config = ModelConfig.from_dict(ckpt["model_config"])
     trainable = sum(t.numel() for t in ckpt["model"].values()) if method else count_params(config)
     adapter = os.path.join(out_dir, "adapter")
@@ -103,9 +105,7 @@ def finetune(s, name, method, extra, base, data, root):
         row["saved_params"] = load_file(saved[0])["prefix_kv"].numel()
         row["saved_pct"] = 100 * row["saved_params"] / count_params(config)
         row["prefix_len"] = int(extra[extra.index("--prefix_len") + 1])
-    with open(cached + ".tmp", "w") as f:
-        json.dump(row, f)
-    os.replace(cached + ".tmp", cached)
+    write_json(row, cached)
     print(f"== {name}: val {row['val_loss']:.4f} | trainable {trainable:,} ({row['trainable_pct']:.3f}%) | "
           f"{wall:.0f} s", flush=True)
     return row
@@ -116,10 +116,7 @@ def lora_model(base, adapter_dir):
 
 
 def base_model(base):
-    ckpt = train.load_checkpoint(base)
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_run(base)[0]
 
 
 @torch.no_grad()
@@ -283,9 +280,7 @@ def main():
                         "full_finetune_ckpt_pt": os.path.getsize(os.path.join(root, "full", "ckpt.pt"))},
               "tinyllama_memory_bytes": memory_table()}
     json_path = os.path.join(OUT, f"finetune{tag}.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
+    write_json(result, json_path)
     plot(rows, base_val, result["tinyllama_memory_bytes"], os.path.join(OUT, f"finetune{tag}.png"))
 
     print(f"\npretrained base, zero-shot val loss on Shakespeare: {base_val:.4f}")

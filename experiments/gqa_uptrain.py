@@ -20,15 +20,11 @@ from common import OUT, plt, run, sizes, write
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from runs import load_run  # noqa: E402
 
 
 def load(out_dir):
-    ckpt = train.load_checkpoint(out_dir)
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_run(out_dir)[0]
 
 
 def decode_speed(model, new_tokens):

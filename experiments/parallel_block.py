@@ -17,7 +17,7 @@ import os
 from common import OUT, plt, run, sizes, write
 
 import plan  # noqa: E402
-import train  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from model import ModelConfig, flops_per_token  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main():
     results = {"peak_flops": peak}
     for name, flag in [("serial", "false"), ("parallel", "true")]:
         h, sec = run(os.path.join(root, name), s, "--parallel_block", flag, eval_every=max(s["iters"] // 8, 1))
-        config = ModelConfig(**train.load_checkpoint(os.path.join(root, name))["model_config"])
+        config = ModelConfig(**load_checkpoint(os.path.join(root, name))["model_config"])
         tokens = s["iters"] * s["batch"] * s["block_size"]
         step_seconds = h["step_seconds"]  # the optimizer steps only (train.py excludes evaluations)
         results[name] = {"val_loss": h["val_loss"][-1], "seconds": sec, "tok_s": tokens / step_seconds,

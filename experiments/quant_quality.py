@@ -15,7 +15,6 @@ Writes experiments/out/quant_quality.{png,json}.
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -25,10 +24,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from checkpoint import load_checkpoint, write_json  # noqa: E402
 from common import OUT, save_figure  # noqa: E402
 import quant  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from train import TrainConfig, draw_offsets, get_batch, load_checkpoint, load_dataset, train  # noqa: E402
+from runs import load_run  # noqa: E402
+from train import TrainConfig, draw_offsets, get_batch, load_dataset, train  # noqa: E402
 
 CODEBOOKS = {"nf4": quant.NF4_LEVELS, "int4": quant.INT4_LEVELS, "fp4": quant.FP4_LEVELS}
 FULL = dict(model=dict(n_layer=4, n_embd=256, n_head=8, n_kv_head=4, block_size=128),
@@ -51,10 +51,7 @@ def trained_model(setup, dataset, out_dir):
     if not os.path.exists(ckpt_path) or not same:
         meta, _ = load_dataset(dataset)
         train(cfg, {**setup["model"], "vocab_size": meta["vocab_size"]})
-        ckpt = load_checkpoint(ckpt_path)
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_run(os.path.dirname(ckpt_path))[0]
 
 
 @torch.no_grad()
@@ -178,9 +175,7 @@ def main():
     result = dict(quick=args.quick, model=model.config.to_dict(), train=setup["train"], table=table,
                   error_normal=stats_normal, error_trained=stats_trained, int4_over_nf4=ratio)
     path = os.path.join(args.out, "quant_quality.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(result, path)
     print(f"wrote {path} and quant_quality.png")
 
 

@@ -21,8 +21,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from attention import rope_cache  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from runs import load_run  # noqa: E402
 
 
 def trained_model(quick):
@@ -31,10 +30,10 @@ def trained_model(quick):
     if quick or not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         out_dir = os.path.join(OUT, "visualize" + ("_quick" if quick else ""), "base")
         run(out_dir, s)
-    ckpt = train.load_checkpoint(out_dir)
-    model = Transformer(ModelConfig.from_dict({**ckpt["model_config"], "attn_impl": "math"}))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), load_tokenizer(out_dir)
+    model, tokenizer, _ = load_run(out_dir)
+    for layer in model.layers:  # the explicit softmax path, which can keep its attention weights
+        layer.attention.attn_impl = "math"
+    return model, tokenizer
 
 
 def main():

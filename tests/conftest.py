@@ -34,6 +34,17 @@ TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2",
         "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1"]
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses on a busy 2-core machine
+
+
+def run_train(args, dataset):
+    """train.py in-process on a tiny model; returns the history."""
+    import train
+    train.peak_flops = lambda device, dtype: None  # skip the CPU FLOP/s probe (MFU): seconds per run on a busy CPU
+    cfg, model_args, explicit = train.parse_args(["--dataset", dataset] + TINY + args)
+    return train.train(cfg, model_args, explicit)
+
+
 def train_cmd(dataset, out_dir, *args):
     """The command line of a tiny train.py run, for subprocess tests."""
     return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", dataset, "--out_dir", out_dir] + TINY + \

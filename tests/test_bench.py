@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from model import ModelConfig
+from model import ModelConfig, count_params
 from plan import estimate_memory
 
 
@@ -34,11 +34,9 @@ def test_bench_quick_runs(tmp_path):
     assert report["decode"]["identical_tokens"]  # the same greedy tokens as transformers
     shapes = {tuple(row["shape"]): row["count"] for row in report["roofline"]["shapes"]}
     assert shapes == {(64, 64): 4, (32, 64): 4, (256, 64): 4, (64, 256): 2, (128, 64): 1}  # debug: 2 layers + head
-    for layout, bound in report["roofline"]["bound_tok_s"].items():  # 1 / (sum of bytes / rate over the weights)
-        per_token = sum(row["count"] * 4 * row["shape"][0] * row["shape"][1] / (row[layout] * 1e9)
-                        for row in report["roofline"]["shapes"])
-        assert bound == pytest.approx(1 / per_token, rel=1e-9)
-    assert report["train"][0]["speedup_vs_transformers"] > 0
     assert [row["n_kv_head"] for row in report["kv"]] == [4, 2, 1]
     assert [row["bytes_per_token"] for row in report["kv"]] == [2 * 2 * n * 16 * 4 for n in (4, 2, 1)]
-    assert report["memory"][0]["estimate"] > 0 and report["memory"][0]["measured"] > 0  # (too small to compare)
+    memory = report["memory"][0]  # the estimate is plan.estimate_memory's, and a step holds at least
+    config = ModelConfig.from_name("debug")  # weights, gradients and two AdamW moments: 16 B/param
+    assert memory["estimate"] == estimate_memory(config, 4, 64)["full"]["total"]
+    assert memory["measured"] >= 16 * count_params(config)

@@ -12,7 +12,8 @@ import torch
 
 from conftest import ROOT, tiny_config
 from model import Transformer, convert_kv_heads
-from train import load_checkpoint, parse_args, train
+from checkpoint import load_checkpoint
+from train import parse_args, train
 
 
 def model_with_identical_heads_per_group(n_head, groups):
@@ -121,11 +122,12 @@ def test_experiment_quick_run(name, tmp_path):
         kv_bytes = [row["kv_bytes_per_token"] for row in result["decode"]]  # 4, 2, 1 kv heads
         assert kv_bytes == [kv_bytes[0], kv_bytes[0] // 2, kv_bytes[0] // 4]
     elif name == "parallel_block":
-        assert all(math.isfinite(result[k]["val_loss"]) for k in ("serial", "parallel"))
+        # at initialization both predict nearly uniformly: within 0.5 nats of log(vocab) after 4 steps
+        assert all(abs(result[k]["val_loss"] - math.log(128)) < 0.5 for k in ("serial", "parallel"))
     elif name == "sparse_attention":
         assert 0 < result["density_vs_causal"] < 1
     elif name == "scaling_laws":
-        assert len(result["models"]) >= 2 and math.isfinite(result["fit"]["alpha"])
+        assert len(result["models"]) >= 2 and -2 < result["fit"]["alpha"] < 2  # a power law's exponent
     elif name == "visualize":
         freqs = result["rope_inv_freq"]  # theta_i = 10000^(-2i/d): 1 radian per position, then falling
         assert freqs[0] == 1.0 and all(a > b for a, b in zip(freqs, freqs[1:]))

@@ -28,21 +28,15 @@ import torch
 import sample
 import train
 from checkpoint import load_checkpoint, save_checkpoint, write_json
-from conftest import ROOT, TINY, one_error_line, snapshot, train_cmd
+from conftest import ONE_THREAD, ROOT, TINY, one_error_line, run_train, snapshot, train_cmd
 from hf import config_from_hf
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run(argv, dataset):
-    cfg, model_args, explicit = train.parse_args(["--dataset", dataset] + TINY + argv)
-    return train.train(cfg, model_args, explicit)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, char_dataset):
     out = str(tmp_path_factory.mktemp("trained"))
-    run(["--out_dir", out, "--max_iters", "2", "--eval_interval", "2"], char_dataset)
+    run_train(["--out_dir", out, "--max_iters", "2", "--eval_interval", "2"], char_dataset)
     return out
 
 
@@ -51,7 +45,7 @@ def lora_run(tmp_path_factory, char_dataset, trained):
     base = str(tmp_path_factory.mktemp("base"))
     shutil.copytree(trained, base, dirs_exist_ok=True)
     out = str(tmp_path_factory.mktemp("lora"))
-    run(["--init_from", base, "--peft", "lora", "--lora_r", "2", "--out_dir", out, "--max_iters", "2",
+    run_train(["--init_from", base, "--peft", "lora", "--lora_r", "2", "--out_dir", out, "--max_iters", "2",
          "--eval_interval", "2"], char_dataset)
     return base, out
 

@@ -238,7 +238,7 @@ def test_generate_validates_its_arguments():
     idx = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="top_p must be in"):
         model.generate(idx, 2, top_p=0.0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         model.generate(idx, 2, temperature=-1)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
         model.generate(torch.tensor([[5, 97]]), 2)
@@ -279,3 +279,15 @@ def test_flops_per_token_is_6n_plus_attention():
     t = ModelConfig.from_name("tinyllama_1b")
     # 6 * (1.1B - 65.5M embedding - norms) + 12 * 22 * 2048 * 2048
     assert flops_per_token(t) == 6 * (1_100_048_384 - 32000 * 2048 - 45 * 2048) + 12 * 22 * 2048 * 2048
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = Transformer(tiny_config())
+    idx = torch.randint(0, 97, (2, 16))
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        model.grad_checkpoint = checkpointed
+        model(idx, idx)[1].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

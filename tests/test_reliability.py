@@ -1,7 +1,7 @@
 """Nothing lost on a crash, nothing run from a file, one clear line for bad input.
 
 SIGKILL at random moments (and in the middle of a checkpoint write), a pickle with a code
-payload, and the table of bad inputs of the reliability issue, each answered with one
+payload, and a table of bad inputs, each answered with one
 `error: ...` line and exit status 1.
 """
 
@@ -212,7 +212,7 @@ def test_sample_bad_arguments(trained, tmp_path, capsys):
     cases = [
         (["--out_dir", str(tmp_path / "missing")], "missing/ckpt.pt not found"),
         (["--out_dir", trained, "--top_p", "1.5"], "top_p must be in (0, 1]"),
-        (["--out_dir", trained, "--temperature", "-1"], "temperature must be >= 0"),
+        (["--out_dir", trained, "--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--out_dir", trained, "--prompt", "FILE:/nonexistent.txt"], "prompt file /nonexistent.txt not found"),
     ]
     for argv, message in cases:

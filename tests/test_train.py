@@ -8,18 +8,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY, run_train
 from model import ModelConfig, Transformer
-from train import TrainConfig, get_lr, load_checkpoint, parse_args, train
-
-TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2", "--block_size", "32",
-        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "1"]
-
-
-def run_train(args, dataset):
-    cfg, model_args, explicit = parse_args(["--dataset", dataset] + TINY + args)
-    return train(cfg, model_args, explicit)
-
+import distributed
+from checkpoint import load_checkpoint
+from train import TrainConfig, get_lr, parse_args, train
 
 def final_weights(out_dir):
     return load_checkpoint(out_dir)["model"]
@@ -115,16 +108,33 @@ def torchrun(args, dataset, out_dir):
     return load_checkpoint(out_dir)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, char_dataset, tmp_path):
-    """2 CPU processes x 1 micro-batch == 1 process x 2 micro-batches, same global batch."""
-    args = ["--max_iters", "6", "--eval_interval", "3", "--grad_accum", "2"]
-    single = run_train(["--out_dir", str(tmp_path / "one")] + args, char_dataset)
-    ckpt = torchrun(args + ["--dist", mode], char_dataset, str(tmp_path / mode))
+@pytest.mark.parametrize("mode, accum", [("ddp", "2"), ("fsdp", "2"), ("ddp", "1")])
+def test_two_processes_match_one(mode, accum, char_dataset, tmp_path):
+    """2 CPU processes x 1 micro-batch == 1 process x 2 micro-batches, same global batch.
+    grad_accum=1 (the presets' value) is raised to one micro-batch per process."""
+    args = ["--max_iters", "6", "--eval_interval", "3"]
+    single = run_train(["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"] + args, char_dataset)
+    ckpt = torchrun(args + ["--dist", mode, "--grad_accum", accum], char_dataset, str(tmp_path / mode))
+    assert ckpt["train_config"]["grad_accum"] == 2
     assert ckpt["history"]["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
     assert ckpt["history"]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
     one = final_weights(str(tmp_path / "one"))
     assert all((one[k] - v).abs().max() < 1e-5 for k, v in ckpt["model"].items())
+
+
+def test_grad_accum_that_does_not_split_names_the_count_that_does():
+    cfg, _, _ = parse_args(["--grad_accum", "3"])
+    with pytest.raises(ValueError, match="grad_accum=3 does not split over 2 processes; use --grad_accum 4"):
+        distributed.split_grad_accum(cfg, world=2, master=True)
+
+
+def test_a_fine_tune_never_writes_into_its_base(char_dataset, tmp_path):
+    base = str(tmp_path / "base")
+    run_train(["--out_dir", base, "--max_iters", "2", "--eval_interval", "2"], char_dataset)
+    with pytest.raises(ValueError, match=f"--init_from {base} is the run's own --out_dir.*--out_dir {base}_ft"):
+        parse_args(["--init_from", base, "--out_dir", base])
+    cfg, _, _ = parse_args(["--config", "demo", "--init_from", base])  # no --out_dir: the preset's, suffixed
+    assert cfg.out_dir == "out/demo_ft" or cfg.out_dir.startswith("out/demo_ft")
 
 
 def test_init_from_hugging_face_directory(char_dataset, tmp_path):
