@@ -146,10 +146,11 @@ def load_run(out_dir, device="cpu"):
             raise ValueError(f"{out_dir}/ckpt.pt does not match its own config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
     check_finite(model, out_dir)
+    tokenizer = load_tokenizer(out_dir)
     if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_fingerprint(out_dir):
         raise ValueError(f"{out_dir}: the tokenizer files (meta.json, tokenizer.tiktoken) are not the ones the "
                          f"checkpoint was trained with; copy them from the run's dataset")
-    return model.to(device).eval(), load_tokenizer(out_dir), ckpt
+    return model.to(device).eval(), tokenizer, ckpt
 
 
 # ----------------------------------------------------------------------------- an out_dir

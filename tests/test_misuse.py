@@ -173,7 +173,7 @@ def test_hugging_face_files_that_do_not_fit(tmp_path, capsys):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     err = one_error_line(capsys, sample.main, ["--hf_dir", str(path)])
-    assert "tensor 'model.layers.0.mlp.gate_proj.weight' has shape (160, 64) but config.json implies (128, 64)" in err
+    assert "tensor 'model.layers.0.mlp.gate_proj.weight' has shape (256, 64) but config.json implies (128, 64)" in err
 
 
 # ----------------------------------------------------------------------------- 5. numbers out of range
