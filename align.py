@@ -298,6 +298,7 @@ class AlignConfig:
     resume: bool = False  # continue out_dir/ckpt.pt exactly
     seed: int = 1337
     device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0: torch's default (1 is faster on an oversubscribed machine)
     iters: int = 200  # optimizer iterations (PPO / GRPO: rollout batches)
     batch_size: int = 32  # sft / dpo: sequences or pairs; rm: prompts (all their pairs)
     learning_rate: float = 1e-3
@@ -307,7 +308,7 @@ class AlignConfig:
     eval_every: int = 50  # also the checkpoint interval
     eval_prompts: int = 48
     heldout: str = "last,min"  # task families never trained on (FLAN's held-out clusters)
-    max_new_tokens: int = 16
+    max_new_tokens: int = 12
     temperature: float = 1.0
     # parameter-efficient: "" (full), lora or qlora (runs.apply_peft); for ppo/dpo/grpo the
     # reference model is then the same weights with the adapters off
@@ -317,11 +318,12 @@ class AlignConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all"
     # base: the pretrained model (train.py on pydoc text mixed with chat-format text)
-    n_layer: int = 4
-    n_embd: int = 128
+    n_layer: int = 3
+    n_embd: int = 96
     n_head: int = 4
-    block_size: int = 128
+    block_size: int = 64
     mix: int = 1000  # chat-format examples of the trained families in the pretraining text
+    pretrain_docs: int = 0  # pydoc documents in the pretraining text; 0: all
     # rm: K samples per prompt, all C(K, 2) comparisons of a prompt in one batch
     k: int = 4
     rm_prompts: int = 400
@@ -345,7 +347,7 @@ class AlignConfig:
 
 
 QUICK = dict(iters=3, batch_size=4, eval_every=3, eval_prompts=4, n_layer=1, n_embd=32, n_head=2,
-             block_size=64, mix=50, k=3, rm_prompts=8, prompts_per_step=2, samples_per_prompt=2,
+             block_size=64, mix=50, pretrain_docs=100, k=3, rm_prompts=8, prompts_per_step=2, samples_per_prompt=2,
              ppo_epochs=1, minibatches=1, max_new_tokens=8)
 
 
@@ -578,7 +580,11 @@ def pretrain_text(cfg):
     examples of the trained families interleaved, so the vocabulary holds the template's markers."""
     from data.prepare import pydoc_corpus
     r = random.Random(cfg.seed)
-    docs = pydoc_corpus()
+    if cfg.pretrain_docs:  # a few pydoc topics only (quick runs): no pass over the standard library
+        from pydoc_data.topics import topics
+        docs = [topics[k] for k in sorted(topics)][:cfg.pretrain_docs]
+    else:
+        docs = pydoc_corpus()
     trained, _ = split_families(cfg.heldout)
     for _ in range(cfg.mix):
         task = make_task(r.choice(trained), r)
@@ -999,19 +1005,19 @@ def run_pipeline(cfg, quick):
     root = cfg.out_dir
     d = {s: os.path.join(root, s) for s in ("base", "sft", "rm", "ppo", "dpo", "grpo")}
     stage_cfg = lambda **kw: AlignConfig(**{**asdict(cfg), **kw})  # noqa: E731
-    base_iters = cfg.iters if quick else 600
-    if not done(d["base"], base_iters):
-        run_base(stage_cfg(out_dir=d["base"], iters=base_iters, batch_size=cfg.batch_size if quick else 32,
-                           eval_every=base_iters), quick)
-    for stage, kw in (("sft", dict(init_from=d["base"], iters=cfg.iters if quick else 400)),
-                      ("rm", dict(init_from=d["sft"], iters=cfg.iters if quick else 150, batch_size=16
-                                  if not quick else 2, learning_rate=3e-4)),
-                      ("ppo", dict(init_from=d["sft"], reward_model=d["rm"], iters=cfg.iters if quick else 40,
-                                   learning_rate=3e-4, eval_every=cfg.eval_every if quick else 10)),
-                      ("dpo", dict(init_from=d["sft"], prefs=os.path.join(d["rm"], "prefs.jsonl"),
-                                   iters=cfg.iters if quick else 100, learning_rate=3e-4, batch_size=16)),
-                      ("grpo", dict(init_from=d["sft"], iters=cfg.iters if quick else 40, learning_rate=3e-4,
-                                    eval_every=cfg.eval_every if quick else 10))):
+    n = (lambda full: cfg.iters) if quick else (lambda full: full)
+    if not done(d["base"], n(400)):
+        run_base(stage_cfg(out_dir=d["base"], iters=n(400), batch_size=cfg.batch_size if quick else 16,
+                           eval_every=n(400)), quick)
+    every = cfg.eval_every if quick else 10
+    for stage, kw in (("sft", dict(init_from=d["base"], iters=n(300), eval_every=cfg.eval_every if quick else 100)),
+                      ("rm", dict(init_from=d["sft"], iters=n(100), batch_size=2 if quick else 8, learning_rate=3e-4,
+                                  eval_every=cfg.eval_every if quick else 25)),
+                      ("ppo", dict(init_from=d["sft"], reward_model=d["rm"], iters=n(30), learning_rate=3e-4,
+                                   eval_every=every)),
+                      ("dpo", dict(init_from=d["sft"], prefs=os.path.join(d["rm"], "prefs.jsonl"), iters=n(60),
+                                   learning_rate=3e-4, batch_size=cfg.batch_size if quick else 16, eval_every=every * 2)),
+                      ("grpo", dict(init_from=d["sft"], iters=n(30), learning_rate=3e-4, eval_every=every))):
         kw = {**kw, "out_dir": d[stage]}
         if not done(d[stage], kw["iters"]):
             STAGES[stage](stage_cfg(**kw))
@@ -1053,6 +1059,8 @@ def parse_bool(text):
 
 def main(argv=None):
     stage, cfg, quick, explicit = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         if cfg.resume and stage in STAGES:  # the run's own settings; only what this command line sets changes
             saved = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["train_config"]
