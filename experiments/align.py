@@ -94,42 +94,55 @@ def main():
 
 def plot(results):
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 4, figsize=(19, 4.2))
-    ax = axes[0]
+    fig, axes = pyplot.subplots(2, 3, figsize=(17, 8.5))
+    ax = axes[0, 0]
     r = results["ppo"]
     ax.plot(r["score"], label="RM score (proxy)")
     ax.plot(r["gold"], label="gold score")
     ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title="PPO (beta 0.05): reward and KL")
     ax2 = ax.twinx()
-    ax2.plot(r["kl"], "k:", label="KL to SFT (nats/sequence)")
-    ax2.set_ylabel("KL(pi || pi_SFT) per sequence")
+    ax2.plot(r["kl"], "k:", label="KL to SFT")
+    ax2.set_ylabel("KL(pi || pi_SFT), nats per response")
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="lower right", fontsize=8)
-    ax = axes[1]
+    ax = axes[0, 1]
     o = results["over_optimization"]
     ax.plot(o["score"], label="RM score (proxy), beta 0")
     ax.plot(o["gold"], label="gold score, beta 0")
-    ax.plot(r["gold"], "--", color="gray", label="gold score, beta 0.05")
+    ax.plot(r["score"], "--", color="C0", alpha=0.5, label="RM score, beta 0.05")
+    ax.plot(r["gold"], "--", color="C1", alpha=0.5, label="gold score, beta 0.05")
     ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title="over-optimization (Gao et al. 2022)")
     ax.legend(fontsize=8)
-    ax = axes[2]
+    ax = axes[0, 2]
+    g = results["grpo"]
+    ax.plot(g["reward"], label="GRPO: checker reward (accuracy of the samples)")
+    ax.plot(r["gold"], label="PPO: gold score of the samples")
+    ax.set(xlabel="iteration", ylabel="mean over the rollouts", title="GRPO (checker reward) next to PPO (learned RM)")
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
     names = list(results["win_rate"])
-    means = [align.mean(results["win_rate"][n]) for n in names]
-    ax.bar(range(len(names)), means, color="C2")
+    ax.bar(range(len(names)), [align.mean(results["win_rate"][n]) for n in names], color="C2")
     for i, n in enumerate(names):
         ax.plot([i] * len(results["win_rate"][n]), results["win_rate"][n], "k.", ms=5)
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set_xticks(range(len(names)), [n.removesuffix("_vs_sft") for n in names], fontsize=8)
-    ax.set(ylabel="gold win rate over SFT (ties 1/2)", title="win rate over SFT (dots: eval seeds)", ylim=(0, 1))
-    ax = axes[3]
+    ax.set(ylabel="gold win rate over SFT (ties count 1/2)", title="win rate over SFT (dots: evaluation seeds)",
+           ylim=(0, 1))
+    ax = axes[1, 1]
     tax = results["alignment_tax"]
-    flan = results["flan"]["heldout"]
     ax.bar(range(3), list(tax.values()), color="C4")
-    ax.set_xticks(range(3), ["SFT", "PPO gamma 0", "PPO-ptx gamma 1"], fontsize=8)
-    lo = min(tax.values())
-    ax.set_ylim(lo - 0.1, max(tax.values()) + 0.05)
-    ax.set(ylabel="pretraining val loss (nats/char)",
-           title=f"alignment tax | FLAN held-out acc: base {flan['base']:.2f}, SFT {flan['sft']:.2f}")
+    ax.set_xticks(range(3), ["SFT", "PPO, gamma 0", "PPO-ptx, gamma 1"], fontsize=8)
+    ax.set_ylim(min(tax.values()) - 0.1, max(tax.values()) + 0.05)
+    ax.set(ylabel="pretraining validation loss (nats/char)", title="the alignment tax and PPO-ptx")
+    ax = axes[1, 2]
+    fam = results["flan"]["per_family"]
+    held = results["flan"]["heldout_families"]
+    x = range(len(fam))
+    ax.bar([i - 0.2 for i in x], [v["base"] for v in fam.values()], 0.4, label="base", color="C7")
+    ax.bar([i + 0.2 for i in x], [v["sft"] for v in fam.values()], 0.4, label="SFT", color="C0")
+    ax.set_xticks(list(x), [f + ("\n(held out)" if f in held else "") for f in fam], fontsize=7, rotation=45)
+    ax.set(ylabel="greedy accuracy", title="FLAN: SFT on some families, tested on all", ylim=(0, 1))
+    ax.legend(fontsize=8)
     write("align", results["quick"], results, fig)
 
 
