@@ -1013,11 +1013,12 @@ def run_pipeline(cfg, quick):
     for stage, kw in (("sft", dict(init_from=d["base"], iters=n(300), eval_every=cfg.eval_every if quick else 100)),
                       ("rm", dict(init_from=d["sft"], iters=n(100), batch_size=2 if quick else 8, learning_rate=3e-4,
                                   eval_every=cfg.eval_every if quick else 25)),
-                      ("ppo", dict(init_from=d["sft"], reward_model=d["rm"], iters=n(30), learning_rate=3e-4,
-                                   eval_every=every)),
+                      ("ppo", dict(init_from=d["sft"], reward_model=d["rm"], iters=n(30), learning_rate=1e-4,
+                                   beta=0.1, eval_every=every)),
                       ("dpo", dict(init_from=d["sft"], prefs=os.path.join(d["rm"], "prefs.jsonl"), iters=n(60),
-                                   learning_rate=3e-4, batch_size=cfg.batch_size if quick else 16, eval_every=every * 2)),
-                      ("grpo", dict(init_from=d["sft"], iters=n(30), learning_rate=3e-4, eval_every=every))):
+                                   learning_rate=1e-4, batch_size=cfg.batch_size if quick else 16, eval_every=every * 2)),
+                      ("grpo", dict(init_from=d["sft"], iters=n(30), learning_rate=1e-4, eval_every=every,
+                                    samples_per_prompt=cfg.samples_per_prompt if quick else 8))):
         kw = {**kw, "out_dir": d[stage]}
         if not done(d[stage], kw["iters"]):
             STAGES[stage](stage_cfg(**kw))

@@ -4,7 +4,7 @@ arXiv:2305.18290; GRPO arXiv:2402.03300; reward over-optimization, Gao et al. 20
     python experiments/align.py            # about 20 minutes on a 2-core CPU
     python experiments/align.py --quick    # seconds (smoke test)
 
-1. The pipeline (`align.py pipeline`): base -> SFT -> reward model -> PPO (beta 0.05,
+1. The pipeline (`align.py pipeline`): base -> SFT -> reward model -> PPO (beta 0.1,
    gamma 0), and DPO and GRPO from the same SFT run.
 2. FLAN: greedy accuracy on the held-out task families, base vs SFT.
 3. Gold win rate over SFT of PPO, DPO and GRPO samples (ties count half), several
@@ -19,7 +19,7 @@ Writes experiments/out/align.{json,png}.
 
 import argparse
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from common import OUT, plt, write
 
@@ -29,12 +29,14 @@ import align  # noqa: E402
 from align import AlignConfig  # noqa: E402
 
 
-def ppo_variant(root, d, base_cfg, name, iters, **kw):
-    """One more PPO run from the pipeline's SFT and RM (cached in its out_dir)."""
+def ppo_variant(root, d, name, iters, **kw):
+    """One more PPO run like the pipeline's (same SFT, RM and settings) but for `kw` (cached in its out_dir)."""
     out = os.path.join(root, name)
     if not align.done(out, iters):
-        align.run_ppo(AlignConfig(**{**asdict(base_cfg), "init_from": d["sft"], "reward_model": d["rm"],
-                                     "out_dir": out, "iters": iters, "learning_rate": 3e-4, **kw}))
+        saved = align.load_checkpoint(os.path.join(d["ppo"], "ckpt.pt"))["train_config"]
+        known = {f.name for f in fields(AlignConfig)}
+        align.run_ppo(AlignConfig(**{**{k: v for k, v in saved.items() if k in known}, "out_dir": out,
+                                     "iters": iters, "eval_every": 10**6, "resume": False, **kw}))
     return out
 
 
@@ -53,9 +55,9 @@ def main():
     cfg = AlignConfig(**({**align.QUICK} if args.quick else {}), out_dir=root)
     d = align.run_pipeline(cfg, args.quick)
     ppo_iters = align.load_checkpoint(os.path.join(d["ppo"], "ckpt.pt"))["iter_num"]
-    stage = AlignConfig(**{**asdict(cfg), "eval_every": 10**6})
-    d["ppo_ptx"] = ppo_variant(root, d, stage, "ppo_ptx", ppo_iters, gamma=1.0)
-    d["ppo_beta0"] = ppo_variant(root, d, stage, "ppo_beta0", 2 * ppo_iters, beta=0.0)
+    d["ppo_ptx"] = ppo_variant(root, d, "ppo_ptx", ppo_iters, gamma=1.0)
+    # no KL penalty, and a 3x larger step (3e-4) so that the RM is exploited within the budget
+    d["ppo_beta0"] = ppo_variant(root, d, "ppo_beta0", 2 * ppo_iters, beta=0.0, learning_rate=3e-4)
 
     results = {"runs": d, "quick": args.quick}
     sft = align.load_checkpoint(os.path.join(d["sft"], "ckpt.pt"))["history"]
@@ -73,9 +75,11 @@ def main():
                                                                max_new_tokens=cfg.max_new_tokens)
                                            for s in range(args.seeds)]
                            for k in ("ppo", "dpo", "grpo", "ppo_ptx", "ppo_beta0")}
-    results["ppo"] = {"iters": ppo_iters, "score": curve(d["ppo"], "score"), "gold": curve(d["ppo"], "gold"),
+    ppo_cfg = align.load_checkpoint(os.path.join(d["ppo"], "ckpt.pt"))["train_config"]
+    results["ppo"] = {"iters": ppo_iters, "beta": ppo_cfg["beta"], "learning_rate": ppo_cfg["learning_rate"],
+                      "score": curve(d["ppo"], "score"), "gold": curve(d["ppo"], "gold"),
                       "kl": curve(d["ppo"], "kl")}
-    results["over_optimization"] = {"beta": 0.0, "score": curve(d["ppo_beta0"], "score"),
+    results["over_optimization"] = {"beta": 0.0, "learning_rate": 3e-4, "score": curve(d["ppo_beta0"], "score"),
                                     "gold": curve(d["ppo_beta0"], "gold"), "kl": curve(d["ppo_beta0"], "kl")}
     results["grpo"] = {"reward": curve(d["grpo"], "reward"), "kl": curve(d["grpo"], "kl")}
     dataset = align.load_checkpoint(os.path.join(d["sft"], "ckpt.pt"))["train_config"]["dataset"]
@@ -99,7 +103,7 @@ def plot(results):
     r = results["ppo"]
     ax.plot(r["score"], label="RM score (proxy)")
     ax.plot(r["gold"], label="gold score")
-    ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title="PPO (beta 0.05): reward and KL")
+    ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title=f"PPO (beta {r['beta']}): reward and KL")
     ax2 = ax.twinx()
     ax2.plot(r["kl"], "k:", label="KL to SFT")
     ax2.set_ylabel("KL(pi || pi_SFT), nats per response")
@@ -109,8 +113,8 @@ def plot(results):
     o = results["over_optimization"]
     ax.plot(o["score"], label="RM score (proxy), beta 0")
     ax.plot(o["gold"], label="gold score, beta 0")
-    ax.plot(r["score"], "--", color="C0", alpha=0.5, label="RM score, beta 0.05")
-    ax.plot(r["gold"], "--", color="C1", alpha=0.5, label="gold score, beta 0.05")
+    ax.plot(r["score"], "--", color="C0", alpha=0.5, label=f"RM score, beta {r['beta']}")
+    ax.plot(r["gold"], "--", color="C1", alpha=0.5, label=f"gold score, beta {r['beta']}")
     ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title="over-optimization (Gao et al. 2022)")
     ax.legend(fontsize=8)
     ax = axes[0, 2]
