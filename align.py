@@ -38,7 +38,6 @@ import copy
 import itertools
 import json
 import keyword
-import math
 import os
 import random
 import sys
@@ -53,7 +52,7 @@ from torch import nn
 
 import peft
 import quant
-from checkpoint import atomic_write, load_checkpoint, read_json, save_checkpoint, write_json
+from checkpoint import atomic_write, load_checkpoint, read_json, save_checkpoint
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer
 from runs import apply_peft, load_run, resolve_device
@@ -1016,7 +1015,8 @@ def run_pipeline(cfg, quick):
                       ("ppo", dict(init_from=d["sft"], reward_model=d["rm"], iters=n(30), learning_rate=1e-4,
                                    beta=0.1, eval_every=every)),
                       ("dpo", dict(init_from=d["sft"], prefs=os.path.join(d["rm"], "prefs.jsonl"), iters=n(60),
-                                   learning_rate=1e-4, batch_size=cfg.batch_size if quick else 16, eval_every=every * 2)),
+                                   learning_rate=1e-4, batch_size=cfg.batch_size if quick else 16,
+                                   eval_every=every * 2)),
                       ("grpo", dict(init_from=d["sft"], iters=n(30), learning_rate=1e-4, eval_every=every,
                                     samples_per_prompt=cfg.samples_per_prompt if quick else 8))):
         kw = {**kw, "out_dir": d[stage]}

@@ -178,6 +178,32 @@ def test_resume_is_exact(base, tmp_path):
     assert len(straight["train"]) == 4
 
 
+def make_reward_model(base, path):
+    """An rm run by hand: the base's trunk and a random scalar head."""
+    ckpt = torch.load(os.path.join(base, "ckpt.pt"), weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    heads = {"reward.weight": torch.randn(1, 32, generator=g), "reward.bias": torch.zeros(1)}
+    os.makedirs(path, exist_ok=True)
+    save_checkpoint({**ckpt, "heads": heads}, os.path.join(path, "ckpt.pt"))
+    align.copy_tokenizer(base, str(path))
+    return str(path)
+
+
+def test_ppo_resume_with_a_shared_lora_base_is_exact(base, tmp_path):
+    rm = make_reward_model(base, tmp_path / "rm")
+    kw = dict(reward_model=rm, peft="lora", lora_r=2, eval_every=1, learning_rate=1e-2)
+    align.run_ppo(tiny(base, tmp_path / "a", iters=2, **kw))
+    align.run_ppo(tiny(base, tmp_path / "b", iters=1, **kw))
+    align.run_ppo(tiny(base, tmp_path / "b", iters=2, resume=True, **kw))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("a", "b"))
+    assert set(a["model"]) == set(b["model"]) and all("lora_" in k for k in a["model"])  # adapters only
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["heads"]["value.weight"], b["heads"]["value.weight"])
+    assert a["history"]["train"][1]["kl"] != 0.0  # the second rollouts come from an updated policy
+    model, _, _ = load_run(str(tmp_path / "a"))  # the aligned run samples like any train.py run
+    assert model.generate(torch.tensor([[1, 2]]), 3, temperature=0).shape == (1, 5)
+
+
 def test_lora_sft_run_loads_with_runs_load_run(base, tmp_path):
     align.run_sft(tiny(base, tmp_path / "lora", iters=2, peft="lora", lora_r=2))
     model, tok, ckpt = load_run(str(tmp_path / "lora"))
