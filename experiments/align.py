@@ -10,7 +10,7 @@ arXiv:2305.18290; GRPO arXiv:2402.03300; reward over-optimization, Gao et al. 20
 3. Gold win rate over SFT of PPO, DPO and GRPO samples (ties count half), several
    evaluation seeds.
 4. PPO: the reward model's score, the gold score and the KL to SFT per iteration.
-5. The alignment tax: pretraining validation loss of SFT, PPO (gamma 0) and PPO-ptx (gamma 1).
+5. The alignment tax: pretraining validation loss of base, SFT, PPO (gamma 0) and PPO-ptx (gamma 1).
 6. Over-optimization: PPO with beta = 0 for twice as long: the proxy (RM) score and the gold score.
 7. bench: rollout tokens/s, seconds per PPO step, and the bytes of model state (weights,
    a reference copy, gradients, AdamW moments) with a full policy vs one shared LoRA base.
@@ -84,7 +84,8 @@ def main():
     results["grpo"] = {"reward": curve(d["grpo"], "reward"), "kl": curve(d["grpo"], "kl")}
     dataset = align.load_checkpoint(os.path.join(d["sft"], "ckpt.pt"))["train_config"]["dataset"]
     results["alignment_tax"] = {name: align.pretrain_val_loss(align.load_policy(d[run], "cpu")[0], dataset)
-                                for name, run in (("sft", "sft"), ("gamma_0", "ppo"), ("gamma_1", "ppo_ptx"))}
+                                for name, run in (("base", "base"), ("sft", "sft"), ("gamma_0", "ppo"),
+                                                  ("gamma_1", "ppo_ptx"))}
     results["bench"] = [align.bench_ppo(d["sft"], d["rm"], os.path.join(root, f"bench_{m or 'full'}"), m,
                                         iters=2, **{k: v for k, v in asdict(cfg).items()
                                                     if k in ("prompts_per_step", "samples_per_prompt", "ppo_epochs",
@@ -134,9 +135,8 @@ def plot(results):
            ylim=(0, 1))
     ax = axes[1, 1]
     tax = results["alignment_tax"]
-    ax.bar(range(3), list(tax.values()), color="C4")
-    ax.set_xticks(range(3), ["SFT", "PPO, gamma 0", "PPO-ptx, gamma 1"], fontsize=8)
-    ax.set_ylim(min(tax.values()) - 0.1, max(tax.values()) + 0.05)
+    ax.bar(range(4), list(tax.values()), color="C4")
+    ax.set_xticks(range(4), ["base", "SFT", "PPO, gamma 0", "PPO-ptx, gamma 1"], fontsize=8)
     ax.set(ylabel="pretraining validation loss (nats/char)", title="the alignment tax and PPO-ptx")
     ax = axes[1, 2]
     fam = results["flan"]["per_family"]

@@ -254,7 +254,7 @@ def test_experiment_quick_smoke(tmp_path):
         assert all(0.0 <= w <= 1.0 for w in results["win_rate"][key])
     assert len(results["ppo"]["kl"]) == len(results["ppo"]["score"]) == results["ppo"]["iters"]
     assert results["ppo"]["kl"][0] == 0.0  # the first rollouts come from the SFT model itself
-    assert set(results["alignment_tax"]) == {"sft", "gamma_0", "gamma_1"}
+    assert set(results["alignment_tax"]) == {"base", "sft", "gamma_0", "gamma_1"}
     assert set(results["flan"]["heldout"]) == {"base", "sft"}
     # an aligned run samples through sample.py
     out = subprocess.run([sys.executable, "sample.py", "--out_dir", results["runs"]["ppo"], "--prompt", "x",
