@@ -97,31 +97,39 @@ def main():
     plot(results)
 
 
+def smooth(xs, k=5):
+    """Running mean over the last k iterations (one iteration's rollouts are few and noisy)."""
+    return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+
 def plot(results):
     pyplot = plt()
     fig, axes = pyplot.subplots(2, 3, figsize=(17, 8.5))
     ax = axes[0, 0]
     r = results["ppo"]
-    ax.plot(r["score"], label="RM score (proxy)")
-    ax.plot(r["gold"], label="gold score")
-    ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title=f"PPO (beta {r['beta']}): reward and KL")
+    ax.plot(smooth(r["score"]), label="RM score (proxy)")
+    ax.plot(smooth(r["gold"]), label="gold score")
+    ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts (running mean of 5)",
+           title=f"PPO (beta {r['beta']}): reward and KL")
     ax2 = ax.twinx()
-    ax2.plot(r["kl"], "k:", label="KL to SFT")
+    ax2.plot(smooth(r["kl"]), "k:", label="KL to SFT")
     ax2.set_ylabel("KL(pi || pi_SFT), nats per response")
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="lower right", fontsize=8)
     ax = axes[0, 1]
     o = results["over_optimization"]
-    ax.plot(o["score"], label="RM score (proxy), beta 0")
-    ax.plot(o["gold"], label="gold score, beta 0")
-    ax.plot(r["score"], "--", color="C0", alpha=0.5, label=f"RM score, beta {r['beta']}")
-    ax.plot(r["gold"], "--", color="C1", alpha=0.5, label=f"gold score, beta {r['beta']}")
-    ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts", title="over-optimization (Gao et al. 2022)")
+    ax.plot(smooth(o["score"]), label=f"RM score (proxy), beta 0, lr {o['learning_rate']:g}")
+    ax.plot(smooth(o["gold"]), label=f"gold score, beta 0, lr {o['learning_rate']:g}")
+    main_run = f"beta {r['beta']}, lr {r['learning_rate']:g}"
+    ax.plot(smooth(r["score"]), "--", color="C0", alpha=0.5, label=f"RM score, {main_run}")
+    ax.plot(smooth(r["gold"]), "--", color="C1", alpha=0.5, label=f"gold score, {main_run}")
+    ax.set(xlabel="PPO iteration", ylabel="mean over the rollouts (running mean of 5)",
+           title="over-optimization (Gao et al. 2022)")
     ax.legend(fontsize=8)
     ax = axes[0, 2]
     g = results["grpo"]
-    ax.plot(g["reward"], label="GRPO: checker reward (accuracy of the samples)")
-    ax.plot(r["gold"], label="PPO: gold score of the samples")
+    ax.plot(smooth(g["reward"]), label="GRPO: checker reward (accuracy of the samples)")
+    ax.plot(smooth(r["gold"]), label="PPO: gold score of the samples")
     ax.set(xlabel="iteration", ylabel="mean over the rollouts", title="GRPO (checker reward) next to PPO (learned RM)")
     ax.legend(fontsize=8)
     ax = axes[1, 0]
