@@ -392,8 +392,13 @@ def same_tokenizer(dir_a, dir_b):
         return False
     files = [os.path.join(d, "tokenizer.tiktoken") for d in (dir_a, dir_b)]
     if os.path.exists(files[0]) or os.path.exists(files[1]):
-        return all(os.path.exists(f) for f in files) and open(files[0], "rb").read() == open(files[1], "rb").read()
+        return all(os.path.exists(f) for f in files) and read_bytes(files[0]) == read_bytes(files[1])
     return True
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def copy_tokenizer(src, dst):
@@ -454,7 +459,13 @@ class Run:
                 "prefix_len": 0, "prefix_hidden": 0}
 
     def frozen_reference(self):
-        """The SFT model as the KL reference: a frozen copy, or (with --peft) the policy with adapters off."""
+        """The SFT model as the KL reference: a frozen copy, or (with --peft) the policy with adapters off.
+
+        What sharing saves, for N base parameters in fp32 and A adapter parameters:
+          full policy:  4N weights + 4N reference copy + 4N gradients + 8N AdamW moments = 20N bytes
+          LoRA policy:  4N (one frozen base, also the reference) + 16A for the adapters
+        (the value head reads the same trunk in both; the RM is a separate model in both).
+        With qlora the shared base, and so the reference, is the NF4-quantized SFT model."""
         if not self.cfg.peft:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
 

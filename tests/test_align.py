@@ -269,3 +269,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_chat_keeps_the_kv_cache_across_turns(base):
+    """sample.py --chat, greedy: the second reply from the cache equals decoding the whole transcript afresh."""
+    import io
+    from types import SimpleNamespace
+    import sample
+    model, tok, _ = load_run(base)
+    args = SimpleNamespace(max_new_tokens=5, temperature=0.0, top_k=None, top_p=None)
+    messages, out = iter(["hi", "add 2 and 3", ""]), io.StringIO()
+    sample.chat(model, tok, args, torch.Generator(), read=lambda _: next(messages), out=out)
+    replies = [line.split("bot> ", 1)[1] for line in out.getvalue().splitlines() if "bot> " in line]
+    assert len(replies) == 2
+    # each turn ends with EOT in the cache: sampled, or added when the reply hit max_new_tokens
+    transcript = render("hi", replies[0]) + f"{align.USER}add 2 and 3{EOT}{align.BOT}"
+    fresh = model.generate(torch.tensor([tok.encode(transcript)]), 5, temperature=0)[0].tolist()
+    assert tok.decode(fresh[len(tok.encode(transcript)):]).split(EOT)[0] == replies[1]
