@@ -70,10 +70,10 @@ def main():
                        "per_family": {f: {"base": sft["base_acc"][f], "sft": last[f"acc_{f}"]} for f in trained + held}}
     rm = align.load_checkpoint(os.path.join(d["rm"], "ckpt.pt"))["history"]["eval"]
     results["rm"] = {"heldout_pair_acc_before": rm[0]["val_acc"], "heldout_pair_acc": rm[-1]["val_acc"]}
-    n_prompts = 8 if args.quick else 96
+    n_prompts, seeds = (4, 1) if args.quick else (96, args.seeds)
     results["win_rate"] = {f"{k}_vs_sft": [align.gold_win_rate(d[k], d["sft"], n_prompts, seed=s,
                                                                max_new_tokens=cfg.max_new_tokens)
-                                           for s in range(args.seeds)]
+                                           for s in range(seeds)]
                            for k in ("ppo", "dpo", "grpo", "ppo_ptx", "ppo_beta0")}
     ppo_cfg = align.load_checkpoint(os.path.join(d["ppo"], "ckpt.pt"))["train_config"]
     results["ppo"] = {"iters": ppo_iters, "beta": ppo_cfg["beta"], "learning_rate": ppo_cfg["learning_rate"],
@@ -87,7 +87,7 @@ def main():
                                 for name, run in (("base", "base"), ("sft", "sft"), ("gamma_0", "ppo"),
                                                   ("gamma_1", "ppo_ptx"))}
     results["bench"] = [align.bench_ppo(d["sft"], d["rm"], os.path.join(root, f"bench_{m or 'full'}"), m,
-                                        iters=2, **{k: v for k, v in asdict(cfg).items()
+                                        iters=1 if args.quick else 2, **{k: v for k, v in asdict(cfg).items()
                                                     if k in ("prompts_per_step", "samples_per_prompt", "ppo_epochs",
                                                              "minibatches", "max_new_tokens")})
                         for m in ("", "lora")]
