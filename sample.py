@@ -6,6 +6,7 @@
     python sample.py --hf_dir path/to/TinyLlama-1.1B --prompt "Once upon a time"
     python sample.py --out_dir out/base --adapter out/lora   # a LoRA / prefix adapter (peft.py)
     python sample.py --out_dir out/demo --quantize nf4-dq     # blocks' linears in NF4 (quant.py)
+    python sample.py --out_dir out/al/ppo --chat              # a conversation with an align.py run
 
 Decoding reads the prompt once into a KV cache and then feeds one token per step
 (model.generate_tokens). temperature 0 is greedy; top_k keeps the k most likely tokens,
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 
 import quant
+from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
-from model import Transformer, check_sampling_args
+from model import Transformer, check_sampling_args, sample_next
 from runs import load_adapter, load_run, resolve_device
 
 
@@ -121,6 +123,52 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     return ids
 
 
+def chat(model, tokenizer, args, generator, read=input, out=sys.stdout):
+    """A multi-turn conversation in align.py's chat template, Ⓤ{you}␃Ⓐ{model}␃ per turn.
+
+    The KV cache is kept across turns: each turn feeds only its new tokens (your message,
+    then one sampled token at a time) at the positions after everything said so far. The
+    model's turn ends at the end-of-turn token or after --max_new_tokens. An empty line or
+    end of input ends the chat; so does a full context (block_size)."""
+    try:
+        eot = tokenizer.encode(EOT)
+    except ValueError:
+        raise ValueError("this model's tokenizer has no chat-template markers: --chat needs an align.py run") from None
+    caches, pos, pending = model.new_kv_caches(1), 0, []  # pending: sampled but not yet in the cache
+    device = next(model.parameters()).device
+    while True:
+        try:
+            message = read("you> ")
+        except EOFError:
+            return
+        if not message.strip():
+            return
+        new = pending + tokenizer.encode(USER + message + EOT + BOT)
+        out.write("bot> ")
+        reply, printed = [], ""
+        with torch.inference_mode():
+            for _ in range(args.max_new_tokens):
+                if pos + len(new) > model.config.block_size:
+                    out.write(f"\n[the context of {model.config.block_size} tokens is full: start a new chat]\n")
+                    return
+                logits, _ = model(torch.tensor([new], device=device), caches=caches, start_pos=pos)
+                pos += len(new)
+                new = [int(sample_next(logits[:, -1, :tokenizer.n_vocab], args.temperature, args.top_k,
+                                       args.top_p, generator)[0])]
+                if new == eot:
+                    break
+                reply += new
+                text = tokenizer.decode(reply)
+                if not text.endswith("\ufffd"):  # a byte-level token may end inside a character
+                    out.write(text[len(printed):])
+                    out.flush()
+                    printed = text
+            else:  # no end-of-turn token: close the turn so the next one starts in the template
+                new = new + eot
+        pending = new
+        out.write("\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/debug", help="a training out_dir (ckpt.pt + tokenizer)")
@@ -137,6 +185,7 @@ def main(argv=None):
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
                    help="store the blocks' linear layers quantized (quant.quantize_model)")
+    p.add_argument("--chat", action="store_true", help="a multi-turn conversation (align.py's chat template)")
     args = p.parse_args(argv)
     if os.environ.get("NANO_QUICK"):  # the documentation test: the command, not a long sample
         args.max_new_tokens, args.num_samples = min(args.max_new_tokens, 10), min(args.num_samples, 2)
@@ -160,6 +209,8 @@ def main(argv=None):
         if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:
             raise ValueError(f"--eos_id {args.eos_id} is not a token id of this model (0 .. "
                              f"{model.config.vocab_size - 1})")
+        if args.chat:
+            return chat(model, tokenizer, args, torch.Generator(device=device).manual_seed(args.seed))
         prompt_ids = tokenizer.encode(read_prompt(args.prompt))
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens; give some text")
