@@ -189,7 +189,7 @@ def read_task(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
             docs.append(check_doc(doc, f"{path} line {n}"))
-    if not any(d["split"] == "test" for d in docs):
+    if not any(d.get("split", "test") == "test" for d in docs):
         raise ValueError(f"{path}: no test examples (lines without \"split\" or with \"split\": \"test\")")
     return docs
 
@@ -227,7 +227,7 @@ def fewshot(docs, i, k, seed):
     train split (or, without one, of the other test examples). Never the example itself nor
     any line with the same query; nested in k (the 2 shots are the first 2 of the 4)."""
     test = docs[i]
-    train = [d for d in docs if d["split"] == "train"] or [d for d in docs if d["split"] == "test"]
+    train = [d for d in docs if d.get("split", "test") == "train"] or [d for d in docs if d.get("split", "test") == "test"]
     pool = [d for d in train if d is not test and d["query"] != test["query"]]
     if k > len(pool):
         raise ValueError(f"{k} shots asked for, but only {len(pool)} examples can serve as shots")
@@ -260,7 +260,7 @@ def argmax(scores):
 def evaluate_choices(model, tokenizer, docs, k=0, seed=0, description="", answer_context=ANSWER_CONTEXT,
                      batch_size=32):
     """Accuracy under each normalization over the test examples (all requests in one batched call)."""
-    tests = [i for i, d in enumerate(docs) if d["split"] == "test"]
+    tests = [i for i, d in enumerate(docs) if d.get("split", "test") == "test"]
     contexts, continuations, spans = [], [], []
     for i in tests:
         doc = docs[i]
@@ -303,7 +303,7 @@ def greedy_until(model, tokenizer, prompt_ids, until, max_gen_toks=32):
 
 def evaluate_generation(model, tokenizer, docs, k=0, seed=0, description="", max_gen_toks=32):
     """Exact-match accuracy of greedy answers (stripped), each example's `until` or the shot delimiter."""
-    tests = [i for i, d in enumerate(docs) if d["split"] == "test"]
+    tests = [i for i, d in enumerate(docs) if d.get("split", "test") == "test"]
     correct, cut, predictions = 0, 0, []
     for i in tests:
         doc = docs[i]
@@ -332,7 +332,7 @@ def evaluate_task(model, tokenizer, docs, **kw):
 def bench_eval(model, tokenizer, docs, batch_sizes=(1, 32), rounds=3):
     """Multiple-choice examples per second at each batch size (median of `rounds`, alternated)."""
     times = {b: [] for b in batch_sizes}
-    n = sum(d["split"] == "test" for d in docs)
+    n = sum(d.get("split", "test") == "test" for d in docs)
     for _ in range(rounds):
         for b in batch_sizes:
             t0 = time.perf_counter()
