@@ -30,7 +30,7 @@ import argparse
 import os
 import random
 import re
-import sys
+import warnings
 
 from common import OUT, plt, run, write
 
@@ -56,12 +56,12 @@ TRAIN_TEMPLATES = ("arrow", "io")
 SIZES = {  # name: model and training sizes (characters, so block_size holds an 8-shot prompt)
     "S": dict(n_layer=2, n_embd=32, n_head=2),
     "M": dict(n_layer=2, n_embd=64, n_head=4),
-    "L": dict(n_layer=4, n_embd=96, n_head=4),
+    "L": dict(n_layer=3, n_embd=96, n_head=4),
 }
-FULL = dict(block_size=192, batch=16, iters=1000, eval_iters=5, shots=[0, 1, 2, 4, 8], n_test=30, seeds=3,
-            n_maps=8, episodes=20000)
+FULL = dict(block_size=192, batch=8, iters=600, eval_iters=5, shots=[0, 1, 2, 4, 8], n_test=30, seeds=3,
+            n_maps=8, episodes=20000, topics=None)
 QUICK = dict(block_size=96, batch=2, iters=4, eval_iters=1, shots=[0, 1, 2], n_test=3, seeds=1, n_maps=1,
-             episodes=100, sizes=dict(S=dict(n_layer=2, n_embd=16, n_head=2)))
+             episodes=100, topics=20, sizes=dict(S=dict(n_layer=2, n_embd=16, n_head=2)))
 
 
 # ----------------------------------------------------------------------------- the data
@@ -123,14 +123,14 @@ def episode(words, rng):
     return prompt + evaluate.TARGET_DELIMITER + evaluate.target(docs[-1])
 
 
-def make_dataset(folder, n_episodes, seed=0):
+def make_dataset(folder, n_episodes, n_topics=None, seed=0):
     """pydoc topics and episodes, interleaved paragraph by paragraph, as a char-level dataset."""
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
     from pydoc_data.topics import topics
     rng = random.Random(seed)
     train_words, _ = word_lists()
-    parts = [topics[k] for k in sorted(topics)] + [episode(train_words, rng) for _ in range(n_episodes)]
+    parts = [topics[k] for k in sorted(topics)[:n_topics]] + [episode(train_words, rng) for _ in range(n_episodes)]
     rng.shuffle(parts)
     path = os.path.join(folder, "corpus.txt")
     atomic_write(path, lambda f: f.write("\n\n\n".join(parts)), text=True)
@@ -245,10 +245,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source excerpt
     s = QUICK if args.quick else FULL
     sizes = s.get("sizes", SIZES)
     root = os.path.join(OUT, "icl" + ("_quick" if args.quick else ""))
-    dataset = make_dataset(os.path.join(root, "data"), s["episodes"])
+    dataset = make_dataset(os.path.join(root, "data"), s["episodes"], s["topics"])
     sets = eval_sets(s)
     k_templates = min(4, s["shots"][-1])
     results = {"shots": s["shots"], "seeds": s["seeds"], "normalization": "token", "models": {}}
