@@ -137,9 +137,10 @@ def test_perplexity_and_bits_per_byte_by_hand():
     assert got["tokens"] == n and got["bytes"] == n
     assert got["bits_per_byte"] == approx(-LP_HIGH / math.log(2))
     assert got["perplexity"] == approx(math.exp(-LP_HIGH))
-    disjoint = evaluate.perplexity(model, tok, text)  # windows of 8 at tokens 1, 9, 17 read one token before
-    # them: the first guesses right from "\n", the next two wrong (from "c" and from a lone " ")
-    assert disjoint["perplexity"] == approx(math.exp(-(16 * LP_HIGH + 2 * LP_LOW) / 18))
+    # disjoint windows of 8 at tokens 1, 9, 17: the first two read one token before them, the
+    # last (2 tokens long) 7. Only token 9 is guessed wrong: after a lone "c", a space, not "\n".
+    disjoint = evaluate.perplexity(model, tok, text)
+    assert disjoint["perplexity"] == approx(math.exp(-(17 * LP_HIGH + LP_LOW) / 18))
 
 
 # ----------------------------------------------------------------------------- tasks
