@@ -360,6 +360,8 @@ def main(argv=None):
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--bench", action="store_true", help="--task: multiple-choice examples/s at batch 1 and "
+                   "--batch_size instead of the accuracies")
     args = p.parse_args(argv)
     from runs import resolve_device
     try:
@@ -370,7 +372,11 @@ def main(argv=None):
             raise FileNotFoundError(f"--text {args.text}: no such file")
         device = resolve_device(args.device)
         model, tokenizer = load(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
-        if args.text:
+        if args.bench:
+            if not docs or "choices" not in docs[0]:
+                raise ValueError("--bench measures a multiple-choice --task")
+            result = bench_eval(model, tokenizer, docs, (1, args.batch_size))
+        elif args.text:
             with open(args.text, encoding="utf-8") as f:
                 result = perplexity(model, tokenizer, f.read(), args.stride or None, args.batch_size)
         else:

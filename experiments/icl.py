@@ -30,6 +30,7 @@ import argparse
 import os
 import random
 import re
+import string
 import warnings
 
 from common import OUT, plt, run, write
@@ -132,6 +133,7 @@ def make_dataset(folder, n_episodes, n_topics=None, seed=0):
     train_words, _ = word_lists()
     parts = [topics[k] for k in sorted(topics)[:n_topics]] + [episode(train_words, rng) for _ in range(n_episodes)]
     rng.shuffle(parts)
+    parts.insert(0, string.ascii_letters + string.digits + SYMBOLS)  # every character a task may use
     path = os.path.join(folder, "corpus.txt")
     atomic_write(path, lambda f: f.write("\n\n\n".join(parts)), text=True)
     return prepare(path, "char", out=folder, verbose=False)
@@ -187,6 +189,15 @@ def induction_scores(model, n_vocab, length=24, n=4, seed=0):
     return torch.stack(scores), maps  # (n_layer, n_head)
 
 
+def induction(row, model, tok):
+    """The induction scores of every head, and the attention map of the best one, into row."""
+    scores, maps = induction_scores(model, tok.n_vocab)
+    layer, head = divmod(int(scores.argmax()), scores.shape[1])
+    row["induction_scores"] = scores.tolist()
+    row["best_head"] = [layer, head]
+    row["induction_map"] = [[round(x, 4) for x in r] for r in maps[layer][head].tolist()]
+
+
 def load_math(out_dir):
     """The trained model with the explicit attention path, so it can keep its attention weights."""
     ckpt = load_checkpoint(out_dir)
@@ -200,15 +211,17 @@ def plot(results, s):
     pyplot = plt()
     names = list(results["models"])
     fig, axes = pyplot.subplots(2, 3, figsize=(15, 8.5))
-    colors = {"clean": "C0", "upper": "C1", "symbols": "C2", "mapping": "C3"}
     for ax, name in zip(axes[0], names[-3:]):
-        for key, acc in results["models"][name]["curves"].items():
-            task, desc = key.split("|")
-            mean = [sum(a) / len(a) for a in acc]
-            ax.plot(range(len(s["shots"])), mean, "-" if desc == "description" else "--", color=colors[task],
-                    marker="o", label=f"{task}, {'with' if desc == 'description' else 'no'} description")
-            ax.fill_between(range(len(s["shots"])), [min(a) for a in acc], [max(a) for a in acc],
-                            color=colors[task], alpha=0.12)
+        acc = results["models"][name]["curves"]
+        for desc, style in (("none", "--"), ("description", "-")):
+            for label, tasks, color in (("word tasks (mean of 3)", list(WORD_TASKS), "C0"),
+                                        ("random mapping", ["mapping"], "C3")):
+                per_seed = [[sum(acc[f"{t}|{desc}"][k][seed] for t in tasks) / len(tasks)
+                             for seed in range(s["seeds"])] for k in range(len(s["shots"]))]
+                x = range(len(s["shots"]))
+                ax.plot(x, [sum(a) / len(a) for a in per_seed], style, color=color, marker="o",
+                        label=f"{label}, {'with' if desc == 'description' else 'no'} description")
+                ax.fill_between(x, [min(a) for a in per_seed], [max(a) for a in per_seed], color=color, alpha=0.15)
         ax.axhline(1 / 3, color="gray", lw=0.8, ls=":")
         ax.set(xticks=range(len(s["shots"])), xticklabels=s["shots"], ylim=(0, 1.02),
                xlabel="K (examples in the prompt)", ylabel="accuracy (per-token log-likelihood)",
@@ -216,7 +229,7 @@ def plot(results, s):
     axes[0, 0].legend(fontsize=7)
     big = results["models"][names[-1]]
     layer, head = big["best_head"]
-    axes[1, 0].imshow(results["_map"], cmap="viridis")
+    axes[1, 0].imshow(big["induction_map"], cmap="viridis")
     axes[1, 0].set(title=f"model {names[-1]}, layer {layer} head {head}\nrandom string repeated twice",
                    xlabel="key position", ylabel="query position")
     width = 0.8 / len(names)
@@ -244,6 +257,7 @@ def plot(results, s):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--replot", action="store_true", help="redraw from the JSON and the trained checkpoints")
     args = p.parse_args()
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source excerpt
     s = QUICK if args.quick else FULL
@@ -252,6 +266,13 @@ def main():
     dataset = make_dataset(os.path.join(root, "data"), s["episodes"], s["topics"])
     sets = eval_sets(s)
     k_templates = min(4, s["shots"][-1])
+    if args.replot:
+        import json
+        with open(os.path.join(OUT, "icl" + ("_quick" if args.quick else "") + ".json")) as f:
+            results = json.load(f)
+        for name, row in results["models"].items():
+            induction(row, *load_math(os.path.join(root, name)))
+        return write("icl", args.quick, results, plot(results, s))
     results = {"shots": s["shots"], "seeds": s["seeds"], "normalization": "token", "models": {}}
     for name, size in sizes.items():
         out_dir = os.path.join(root, name)
@@ -269,21 +290,16 @@ def main():
                      for d in ("", WORD_TASKS["clean"][0])]
         row["exact_match_clean"] = {"no_description": [em[k][0] for k in s["shots"]],
                                     "description": [em[k][1] for k in s["shots"]]}
-        scores, maps = induction_scores(model, tok.n_vocab)
-        layer, head = divmod(int(scores.argmax()), scores.shape[1])
-        row["induction_scores"] = scores.tolist()
-        row["best_head"] = [layer, head]
-        results["_map"] = maps[layer][head].numpy()
+        induction(row, model, tok)
         results["models"][name] = row
-        print(f"model {name}: {row['params']:,} params, val loss {row['val_loss']}, "
-              f"best induction score {float(scores.max()):.2f} (layer {layer} head {head})", flush=True)
+        print(f"model {name}: {row['params']:,} params, val loss {row['val_loss']}, best induction score "
+              f"{max(max(r) for r in row['induction_scores']):.2f} (layer, head {row['best_head']})", flush=True)
         for key, acc in row["curves"].items():
             print(f"  {key:24s} " + " ".join(f"K={k}: {sum(a) / len(a):.2f}" for k, a in zip(s["shots"], acc)))
         print("  templates at K=%d: " % k_templates + ", ".join(f"{t} {sum(v) / len(v):.2f}"
                                                               for t, v in row["templates"].items()))
         print("  exact match, clean: " + str(row["exact_match_clean"]))
     fig = plot(results, s)
-    results.pop("_map")
     write("icl", args.quick, results, fig)
 
 
