@@ -230,16 +230,16 @@ def plot(results, s):
     big = results["models"][names[-1]]
     layer, head = big["best_head"]
     axes[1, 0].imshow(big["induction_map"], cmap="viridis")
-    axes[1, 0].set(title=f"model {names[-1]}, layer {layer} head {head}\nrandom string repeated twice",
-                   xlabel="key position", ylabel="query position")
+    L = len(big["induction_map"]) // 2
+    axes[1, 0].plot(range(1, L + 1), range(L, 2 * L), "w:", lw=0.8)  # key = query - L + 1: an induction head
+    axes[1, 0].set(title=f"model {names[-1]}, layer {layer} head {head}\nrandom string repeated twice "
+                         f"(dotted: induction target)", xlabel="key position", ylabel="query position")
+    for i, name in enumerate(names):  # every head of every model: an induction head stands out
+        flat = [x for row in results["models"][name]["induction_scores"] for x in row]
+        axes[1, 1].scatter([i] * len(flat), flat, color=f"C{i}", label=f"model {name}")
+    axes[1, 1].set(xticks=range(len(names)), xticklabels=names, xlabel="model", ylabel="induction score",
+                   title="each head's attention to the token after\nthe previous occurrence (repeated string)")
     width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        sc = results["models"][name]["induction_scores"]
-        flat = [x for row in sc for x in row]
-        axes[1, 1].bar([j + i * width for j in range(len(flat))], flat, width, label=f"model {name}")
-    axes[1, 1].set(xlabel="head (layer-major)", ylabel="induction score", title="attention to the token after "
-                   "the previous occurrence")
-    axes[1, 1].legend(fontsize=7)
     for i, name in enumerate(names):
         t = results["models"][name]["templates"]
         axes[1, 2].bar([j + i * width for j in range(len(t))], [sum(v) / len(v) for v in t.values()], width,
@@ -247,8 +247,8 @@ def plot(results, s):
                                                                              for v in t.values()]],
                        label=f"model {name}")
     axes[1, 2].set(xticks=range(len(TEMPLATES)), xticklabels=[repr(v.format("x")) for v in TEMPLATES.values()],
-                   ylim=(0, 1), ylabel="accuracy, word tasks, K=4",
-                   title="three templates (the last never trained on)")
+                   ylim=(0, 1), ylabel=f"accuracy, word tasks, K={results.get('k_templates', min(4, s['shots'][-1]))}",
+                   title="three templates (the last never trained on)\nbars: range over tasks and shot seeds")
     axes[1, 2].axhline(1 / 3, color="gray", lw=0.8, ls=":")
     axes[1, 2].legend(fontsize=7)
     return fig
@@ -273,7 +273,8 @@ def main():
         for name, row in results["models"].items():
             induction(row, *load_math(os.path.join(root, name)))
         return write("icl", args.quick, results, plot(results, s))
-    results = {"shots": s["shots"], "seeds": s["seeds"], "normalization": "token", "models": {}}
+    results = {"shots": s["shots"], "seeds": s["seeds"], "k_templates": k_templates, "normalization": "token",
+               "models": {}}
     for name, size in sizes.items():
         out_dir = os.path.join(root, name)
         history, seconds = run(out_dir, {**s, **size}, "--dataset", dataset, "--learning_rate", "3e-3")
