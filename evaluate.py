@@ -227,7 +227,8 @@ def fewshot(docs, i, k, seed):
     train split (or, without one, of the other test examples). Never the example itself nor
     any line with the same query; nested in k (the 2 shots are the first 2 of the 4)."""
     test = docs[i]
-    train = [d for d in docs if d.get("split", "test") == "train"] or [d for d in docs if d.get("split", "test") == "test"]
+    split = lambda d: d.get("split", "test")  # noqa: E731
+    train = [d for d in docs if split(d) == "train"] or [d for d in docs if split(d) == "test"]
     pool = [d for d in train if d is not test and d["query"] != test["query"]]
     if k > len(pool):
         raise ValueError(f"{k} shots asked for, but only {len(pool)} examples can serve as shots")
