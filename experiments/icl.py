@@ -237,6 +237,10 @@ def plot(results, s):
     for i, name in enumerate(names):  # every head of every model: an induction head stands out
         flat = [x for row in results["models"][name]["induction_scores"] for x in row]
         axes[1, 1].scatter([i] * len(flat), flat, color=f"C{i}", label=f"model {name}")
+    L = len(big["induction_map"]) // 2
+    uniform = sum(1 / (t + 1) for t in range(L, 2 * L)) / L  # the score of a head that attends uniformly
+    axes[1, 1].axhline(uniform, color="gray", ls=":", lw=0.8, label="uniform attention")
+    axes[1, 1].legend(fontsize=7)
     axes[1, 1].set(xticks=range(len(names)), xticklabels=names, xlabel="model", ylabel="induction score",
                    title="each head's attention to the token after\nthe previous occurrence (repeated string)")
     width = 0.8 / len(names)
@@ -246,7 +250,7 @@ def plot(results, s):
                        yerr=[[sum(v) / len(v) - min(v) for v in t.values()], [max(v) - sum(v) / len(v)
                                                                              for v in t.values()]],
                        label=f"model {name}")
-    axes[1, 2].set(xticks=range(len(TEMPLATES)), xticklabels=[repr(v.format("x")) for v in TEMPLATES.values()],
+    axes[1, 2].set(xticks=[j + width * (len(names) - 1) / 2 for j in range(len(TEMPLATES))], xticklabels=[repr(v.format("x")) for v in TEMPLATES.values()],
                    ylim=(0, 1), ylabel=f"accuracy, word tasks, K={results.get('k_templates', min(4, s['shots'][-1]))}",
                    title="three templates (the last never trained on)\nbars: range over tasks and shot seeds")
     axes[1, 2].axhline(1 / 3, color="gray", lw=0.8, ls=":")
