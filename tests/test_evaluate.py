@@ -129,6 +129,27 @@ def test_loglikelihood_matches_transformers(tmp_path):
     assert evaluate.loglikelihood(loaded, ctx, top[:1])[1]
 
 
+def test_a_hugging_face_directory_with_its_tokenizer_json(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="reading tokenizer.json needs the tokenizers package")
+    import hf
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    vocab["</s>"] = len(vocab)  # HFTokenizer's end-of-text token: perplexity conditions the first token on it
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(".|\n"), behavior="isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    ours = Transformer(tiny_config(vocab_size=len(vocab))).eval()
+    hf.save_llama(ours, str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model, loaded_tok = evaluate.load(hf_dir=str(tmp_path))
+    text = "abc d\nefg h\n"
+    ids = [vocab[c] for c in text]
+    got = evaluate.perplexity(model, loaded_tok, text)
+    by_hand = F.log_softmax(ours(torch.tensor([[len(CHARS)] + ids[:-1]]))[0][0], -1)  # (T, vocab)
+    nll = -by_hand[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+    assert got["tokens"] == len(ids) and got["bytes"] == len(text)
+    assert got["bits_per_byte"] == approx(nll / (math.log(2) * len(text)))
+
+
 def test_perplexity_and_bits_per_byte_by_hand():
     model, tok = Rigged(block_size=8), CharTokenizer(CHARS)
     text = "\n a\n b\n c\n d\n e\n f\n"  # every token after the first follows the rule, given 2 before it
