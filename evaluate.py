@@ -43,6 +43,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from runs import resolve_device
+from sample import load_model
+
 FEWSHOT_DELIMITER = "\n\n"  # between shots (GPT-3: "1 or 2 newlines")
 TARGET_DELIMITER = " "  # between a query and its answer (lm-evaluation-harness's " " + choice)
 ANSWER_CONTEXT = "Answer:"  # GPT-3's unconditional normalization conditions on this alone
@@ -50,32 +53,6 @@ NORMALIZATIONS = ("sum", "token", "char", "unconditional")
 
 
 # ----------------------------------------------------------------------------- the models
-def load(out_dir="", hf_dir="", device="cpu", adapter="", quantize=""):
-    """(model, tokenizer): any train.py run (adapters, QLoRA included) or a Hugging Face Llama
-    directory with its tokenizer.json; optionally quantized, then given an adapter (as sample.py)."""
-    import quant
-    from sample import HFTokenizer, add_adapter
-    from checkpoint import load_checkpoint
-    from model import Transformer
-    from runs import load_run
-
-    if hf_dir:
-        tok_path = os.path.join(hf_dir, "tokenizer.json")
-        if not os.path.exists(tok_path):
-            raise FileNotFoundError(f"{tok_path} not found: a Hugging Face directory needs its tokenizer.json")
-        model, tokenizer = Transformer.from_hf(hf_dir, device=device), HFTokenizer(tok_path)
-    else:
-        model, tokenizer, _ = load_run(out_dir, device)
-    if quantize:
-        quant.quantize_model(model, quantize, compute_dtype=quant.compute_dtype(torch.device(device)))
-    if adapter:
-        run = os.path.join(adapter, "ckpt.pt")
-        method = load_checkpoint(run)["train_config"].get("peft", "") if os.path.exists(run) else ""
-        inner = os.path.join(adapter, "adapter")
-        add_adapter(model, inner if os.path.isdir(inner) else adapter, method)
-    return model.eval(), tokenizer
-
-
 # ----------------------------------------------------------------------------- log-likelihood
 def encode_pair(tokenizer, context, continuation):
     """(context_ids, continuation_ids) as lm-evaluation-harness tokenizes a request: trailing
@@ -364,7 +341,6 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="--task: multiple-choice examples/s at batch 1 and "
                    "--batch_size instead of the accuracies")
     args = p.parse_args(argv)
-    from runs import resolve_device
     try:
         if args.num_fewshot < 0 or args.batch_size < 1:
             raise ValueError("--num_fewshot must be >= 0 and --batch_size >= 1")
@@ -372,7 +348,7 @@ def main(argv=None):
         if args.text and not os.path.isfile(args.text):
             raise FileNotFoundError(f"--text {args.text}: no such file")
         device = resolve_device(args.device)
-        model, tokenizer = load(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
+        model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
         if args.bench:
             if not docs or "choices" not in docs[0]:
                 raise ValueError("--bench measures a multiple-choice --task")

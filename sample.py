@@ -23,10 +23,11 @@ import torch
 
 from torch import nn
 
+import hf
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
-from model import Transformer, check_sampling_args, sample_next
+from model import check_sampling_args, sample_next
 from runs import load_adapter, load_run, resolve_device
 
 
@@ -49,19 +50,28 @@ class HFTokenizer:
         return self.tok.decode(ids)
 
 
-def load_model(args, device):
-    """(model, tokenizer) from --out_dir (any train.py run, adapters included) or --hf_dir."""
-    if args.hf_dir:
-        tok_path = os.path.join(args.hf_dir, "tokenizer.json")
+def load_model(out_dir="", hf_dir="", device="cpu", adapter="", quantize=""):
+    """(model, tokenizer) in eval mode: any train.py run (its adapters included) or a Hugging
+    Face Llama directory, optionally quantized, then given an adapter (sample.py, evaluate.py)."""
+    if hf_dir:
+        tok_path = os.path.join(hf_dir, "tokenizer.json")
         if not os.path.exists(tok_path):
             raise FileNotFoundError(f"tokenizer {tok_path} not found next to the Hugging Face checkpoint")
-        return Transformer.from_hf(args.hf_dir, device=device), HFTokenizer(tok_path)
-    model, tokenizer, ckpt = load_run(args.out_dir, device)
-    method = ckpt["train_config"].get("peft", "")
-    if method and args.adapter:
-        raise ValueError(f"{args.out_dir} is a --peft {method} run (an adapter on its base); pass it alone as "
-                         f"--out_dir, or give its base as --out_dir and it as --adapter")
-    return model, tokenizer
+        model, tokenizer = hf.load_llama(hf_dir, device=device), HFTokenizer(tok_path)
+    else:
+        model, tokenizer, ckpt = load_run(out_dir, device)
+        method = ckpt["train_config"].get("peft", "")
+        if method and adapter:
+            raise ValueError(f"{out_dir} is a --peft {method} run (an adapter on its base); pass it alone as "
+                             f"--out_dir, or give its base as --out_dir and it as --adapter")
+    if quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
+        quant.quantize_model(model, quantize, compute_dtype=quant.compute_dtype(torch.device(device)))
+    if adapter:
+        inner = os.path.join(adapter, "adapter")  # a --peft training run writes out_dir/adapter
+        run = os.path.join(adapter, "ckpt.pt")
+        method = load_checkpoint(run)["train_config"].get("peft", "") if os.path.exists(run) else ""
+        add_adapter(model, inner if os.path.isdir(inner) else adapter, method)
+    return model.eval(), tokenizer
 
 
 def add_adapter(model, path, method=""):
@@ -195,15 +205,7 @@ def main(argv=None):
                              f"{args.max_new_tokens}")
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         device = resolve_device(args.device)
-        model, tokenizer = load_model(args, device)
-        if args.quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
-            quant.quantize_model(model, args.quantize, compute_dtype=quant.compute_dtype(device))
-        if args.adapter:
-            inner = os.path.join(args.adapter, "adapter")  # a --peft training run writes out_dir/adapter
-            run = os.path.join(args.adapter, "ckpt.pt")
-            method = load_checkpoint(run)["train_config"].get("peft", "") if os.path.exists(run) else ""
-            add_adapter(model, inner if os.path.isdir(inner) else args.adapter, method)
-        model.eval()
+        model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
         if device.type == "cpu":
             store_column_major(model)
         if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import evaluate
+import sample
 from checkpoint import save_checkpoint, write_json
 from conftest import ROOT, tiny_config
 from data.tokenizer import CharTokenizer
@@ -140,7 +141,7 @@ def test_a_hugging_face_directory_with_its_tokenizer_json(tmp_path):
     ours = Transformer(tiny_config(vocab_size=len(vocab))).eval()
     hf.save_llama(ours, str(tmp_path))
     tok.save(str(tmp_path / "tokenizer.json"))
-    model, loaded_tok = evaluate.load(hf_dir=str(tmp_path))
+    model, loaded_tok = sample.load_model(hf_dir=str(tmp_path))
     text = "abc d\nefg h\n"
     ids = [vocab[c] for c in text]
     got = evaluate.perplexity(model, loaded_tok, text)
