@@ -1064,7 +1064,7 @@ def parse_args(argv):
         p.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
                        help=f"default {f.default!r}")
     args = vars(p.parse_args(argv))
-    stage, quick = args.pop("stage"), args.pop("quick")
+    stage, quick = args.pop("stage"), args.pop("quick") or bool(os.environ.get("NANO_QUICK"))  # (the docs test)
     explicit = {k: v for k, v in args.items() if v is not None}
     cfg = AlignConfig(**{**(QUICK if quick else {}), **explicit})
     return stage, cfg, quick, explicit
