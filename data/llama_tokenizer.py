@@ -37,7 +37,7 @@ class LlamaTokenizer:
     """
 
     def __init__(self, pieces, merges=None, scores=None, byte_fallback=True, add_prefix=True,
-                 prefix_if_missing=False, unk_id=0, bos_id=1, eos_id=2, source=""):
+                 prefix_if_missing=False, unk_id=0, bos_id=1, eos_id=2, fuse_unk=True, source=""):
         self.pieces = list(pieces)
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         if merges is not None:
@@ -46,6 +46,7 @@ class LlamaTokenizer:
             self.rank = None
             self.score = {p: scores[i] for i, p in enumerate(self.pieces)}
         self.byte_fallback, self.add_prefix, self.prefix_if_missing = byte_fallback, add_prefix, prefix_if_missing
+        self.fuse_unk = fuse_unk  # a run of unknown characters becomes one <unk>
         self.byte_ids = [self.ids.get(f"<0x{b:02X}>") for b in range(256)]
         self.unk_token, self.bos_token, self.eot_token = unk_id, bos_id, eos_id
         self.n_vocab = len(self.pieces)
@@ -93,15 +94,17 @@ class LlamaTokenizer:
             if prv[i] >= 0:
                 push(prv[i])
             push(i)
-        ids, i = [], 0
+        ids, i, unk_before = [], 0, False
         while i < n:
             piece = sym[i]
+            fallback = [self.byte_ids[b] for b in piece.encode("utf-8")] if self.byte_fallback else [None]
             if piece in self.ids:
                 ids.append(self.ids[piece])
-            elif self.byte_fallback and all(x is not None for x in self.byte_ids):
-                ids += [self.byte_ids[b] for b in piece.encode("utf-8")]
-            else:
+            elif None not in fallback:
+                ids += fallback
+            elif not (self.fuse_unk and unk_before):
                 ids.append(self.unk_token)
+            unk_before = piece not in self.ids and None in fallback
             i = nxt[i]
         return ids
 
@@ -150,7 +153,7 @@ def read_hf_json(path):
                           add_prefix=add_prefix, prefix_if_missing=prefix_if_missing,
                           unk_id=vocab.get(model.get("unk_token") or "<unk>", 0),
                           bos_id=special.get("<s>", vocab.get("<s>")), eos_id=special.get("</s>", vocab.get("</s>")),
-                          source=path)
+                          fuse_unk=model.get("fuse_unk", False), source=path)
 
 
 def _hf_prefix_rule(spec, path):

@@ -393,19 +393,18 @@ def prepare_shards(corpus, tokenizer="bpe", out=None, vocab_size=32000, text_fie
     """Stream a corpus of any size into out/{train,val}_NNNNN.bin shards + manifest.json +
     meta.json; resumes a killed run. Returns out. stop_after_shards: stop (as if killed)
     once that many shards are entered in the manifest (for tests)."""
-    from checkpoint import atomic_write, write_json
-
     out = out or os.path.join(DATA_DIR, f"{corpus_name(corpus.removeprefix('hf:').replace('/', '_'))}_shards")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if not any(text.strip() for text, _, _ in iter_pieces(corpus, text_field)):  # before writing anything
         raise ValueError(f"--corpus {corpus!r} has no text (no documents, or only empty ones)")
+    from checkpoint import atomic_write, read_json, write_json  # (imports torch: after the quick checks)
+
     manifest_path = os.path.join(out, "manifest.json")
     settings = {"corpus": corpus, "text_field": text_field, "val_fraction": val_fraction,
                 "batch_chars": batch_chars, "shard_chars": shard_chars}
     manifest = None
     if os.path.exists(manifest_path):
-        from checkpoint import read_json
         manifest = read_json(manifest_path, "the manifest of a prepare")
         if manifest["settings"] != settings:
             changed = [k for k in settings if manifest["settings"].get(k) != settings[k]]
