@@ -121,6 +121,7 @@ def plan(model_config, tokens_per_step, steps=None, total_tokens=None, tokens_pe
         "tokens_per_step": tokens_per_step, "steps": steps, "total_tokens": total_tokens,
         "grad_accum": tokens_per_step / (micro_batch * T * n_devices),
         "flops_per_token": fpt, "total_flops": total_tokens * fpt,
+        "hardware_flops_per_token": fpt * 4 / 3 if grad_checkpoint else fpt,  # + one more forward (2N of 6N)
         "memory": mem, "device_memory": DEVICES[device]["memory"], "fits": mem["total"] <= DEVICES[device]["memory"],
         "tokens_per_sec_per_device": tokens_per_sec, "mfu": mfu,
     }
@@ -152,6 +153,9 @@ def format_plan(p):
                      f"{100 * p['mfu']:.1f}% MFU (peak {DEVICES[p['device']]['peak_flops'] / 1e12:.0f} TFLOP/s bf16)")
         lines.append(f"time         {p['gpu_hours']:,.0f} {p['device']}-hours = {p['wall_hours']:,.1f} h "
                      f"({p['wall_hours'] / 24:,.2f} days) on {p['n_devices']} devices")
+        if p["grad_checkpoint"]:
+            lines.append("note         checkpointing recomputes each block's forward: at the same hardware "
+                         "utilization expect about 3/4 of the tokens/s measured without it")
     return "\n".join(lines)
 
 

@@ -33,14 +33,21 @@ def generate(path, mb, seed=0):
     return i
 
 
-def peak_tree_rss(pid, stop, out):
+def watch_tree(pid, stop, out):
+    """Peak of the summed resident memory of a process and its children, and the CPU
+    seconds each used (last seen), sampled every 0.2 s."""
     import psutil
     proc = psutil.Process(pid)
+    cpu = out.setdefault("cpu", {})
     while not stop.is_set():
-        try:
-            total = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-        except psutil.Error:
-            total = 0
+        total = 0
+        for p in [proc] + proc.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
         out["peak"] = max(out.get("peak", 0), total)
         time.sleep(0.2)
 
@@ -66,7 +73,7 @@ def main():
     t0 = time.time()
     proc = subprocess.Popen(cmd)
     stop, peak = threading.Event(), {}
-    watcher = threading.Thread(target=peak_tree_rss, args=(proc.pid, stop, peak))
+    watcher = threading.Thread(target=watch_tree, args=(proc.pid, stop, peak))
     watcher.start()
     rc = proc.wait()
     stop.set()
@@ -77,7 +84,9 @@ def main():
     print(json.dumps({"corpus_mb": os.path.getsize(corpus) / 1e6, "rc": rc, "seconds": round(elapsed, 1),
                       "tokens": tokens, "shards": len(man["shards"]), "workers": args.workers,
                       "MB_per_s": round(os.path.getsize(corpus) / 1e6 / elapsed, 2),
-                      "tokens_per_s": round(tokens / elapsed), "peak_rss_all_processes_MiB": round(peak["peak"] / 2**20)}))
+                      "tokens_per_s": round(tokens / elapsed), "cpu_seconds": round(sum(peak["cpu"].values())),
+                      "tokens_per_cpu_s": round(tokens / sum(peak["cpu"].values())),
+                      "peak_rss_all_processes_MiB": round(peak["peak"] / 2**20), "load_average": os.getloadavg()}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str and n_voc
 """
 
 import base64
+import heapq
 import json
 import os
 from collections import Counter, defaultdict
@@ -57,17 +58,18 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, verbose=False):
     word_counts = Counter(regex.findall(pattern, text))
     words = [list(w.encode("utf-8")) for w in word_counts]  # each word as a list of token ids
     counts = list(word_counts.values())
-    pair_counts = Counter()
+    initial = Counter()
     where = defaultdict(set)  # pair -> indices of the words that contain it
     for i, w in enumerate(words):
         for pair in zip(w, w[1:]):
-            pair_counts[pair] += counts[i]
+            initial[pair] += counts[i]
             where[pair].add(i)
+    pair_counts = PairCounts(initial)
 
     vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     ranks = {b: i for i, b in enumerate(vocab)}  # bytes -> id
     while len(vocab) < vocab_size - 1 and pair_counts:
-        pair = max(pair_counts, key=pair_counts.get)  # the most frequent pair (first seen wins ties)
+        pair = pair_counts.top()  # the most frequent pair (first seen wins ties)
         if pair_counts[pair] < 2:
             break  # nothing left worth merging
         merged = vocab[pair[0]] + vocab[pair[1]]
@@ -81,6 +83,34 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, verbose=False):
         if verbose and len(vocab) % 500 == 0:
             print(f"bpe: {len(vocab)} tokens, last {merged!r}")
     return ranks
+
+
+class PairCounts(Counter):
+    """A Counter of pairs that finds its most frequent pair in O(log n): every count it
+    takes is also pushed on a heap as (-count, when the pair entered, pair); entries
+    whose count or entry time is no longer current are dropped when they surface. Ties
+    go to the pair that entered first, as max() over the dict's order would pick."""
+
+    def __init__(self, counts):
+        super().__init__()
+        dict.update(self, counts)  # the same order as counts
+        self.entered = {pair: t for t, pair in enumerate(counts)}
+        self.clock = len(counts)
+        self.heap = [(-c, self.entered[pair], pair) for pair, c in counts.items()]
+        heapq.heapify(self.heap)
+
+    def __setitem__(self, pair, count):
+        if pair not in self:
+            self.entered[pair], self.clock = self.clock, self.clock + 1
+        super().__setitem__(pair, count)
+        heapq.heappush(self.heap, (-count, self.entered[pair], pair))
+
+    def top(self):
+        while True:
+            count, entered, pair = self.heap[0]
+            if self.get(pair) == -count and self.entered[pair] == entered:
+                return pair
+            heapq.heappop(self.heap)  # stale
 
 
 def _merge_word(words, i, pair, new_id, count, pair_counts, where):
