@@ -230,7 +230,7 @@ def test_check_vocab_refuses_a_tokenizer_the_model_cannot_index(sp_model):
 
 # ----------------------------------------------------------------------------- shards
 DOCS = [f"document {i}: " + " ".join(f"word{(i * j) % 41}" for j in range(i % 23 + 2)) + (" café ✓" if i % 7 else "")
-        for i in range(120)]
+        for i in range(115)] + [f"text file {i}\n  with lines\n\nand paragraphs {'ok ' * i}\n" for i in range(5)]
 
 
 def write_corpus(folder, docs=DOCS):
@@ -243,9 +243,11 @@ def write_corpus(folder, docs=DOCS):
         f.write("".join(lines[50:90]))
     try:
         import zstandard
-        (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines[90:]).encode()))
+        (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines[90:115]).encode()))
     except ImportError:
-        (folder / "c.jsonl").write_text("".join(lines[90:]))
+        (folder / "c.jsonl").write_text("".join(lines[90:115]))
+    for i, doc in enumerate(docs[115:]):  # a .txt file is one document
+        (folder / f"d{i}.txt").write_text(doc)
     return str(folder)
 
 
@@ -268,6 +270,28 @@ def test_shards_decode_back_to_the_documents(tmp_path):
         docs = tok.decode(read_shards(out, split).tolist()).split(EOT)
         assert docs[-1] == "" and docs[:-1] == [d for j, d in enumerate(DOCS) if (j % 10 == 9) == keep]
     assert man["train_tokens"] == len(read_shards(out, "train"))
+
+
+def test_a_large_txt_file_is_read_in_pieces_cut_at_line_ends(tmp_path):
+    from data.prepare import read_pieces
+    text = "".join(f"line {i} {'x' * (i % 13)}\n" for i in range(200))
+    (tmp_path / "big.txt").write_text(text)
+    pieces = list(read_pieces(str(tmp_path / "big.txt"), piece_chars=300))
+    assert "".join(p for p, _, _ in pieces) == text and len(pieces) > 5
+    assert [(first, last) for _, first, last in pieces] == [(True, False)] + [(False, False)] * (len(pieces) - 2) + [(False, True)]
+    for p, _, _ in pieces[:-1]:  # cut at the first line end at or past 300 characters
+        assert p.endswith("\n") and len(p) >= 300 > len(p) - len(p[:-1].rsplit("\n", 1)[-1]) - 1
+
+
+def test_parquet_corpus(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="reading .parquet needs pyarrow")
+    import pyarrow.parquet as pq
+
+    from data.prepare import prepare_shards
+    pq.write_table(pa.table({"content": DOCS[:30]}), str(tmp_path / "code.parquet"))
+    out = prepare_shards(str(tmp_path / "code.parquet"), "bpe", str(tmp_path / "ds"), text_field="content",
+                         workers=1, **{**SMALL, "val_fraction": 0.0})
+    assert load_tokenizer(out).decode(read_shards(out, "train").tolist()).split(EOT)[:-1] == DOCS[:30]
 
 
 def test_shards_with_the_llama_tokenizer_frame_documents_with_bos_and_eos(sp_model, tmp_path):
@@ -428,7 +452,7 @@ def test_mixture_draws_sources_in_ratio_and_windows_from_them(two_datasets):
     assert abs(counts[0] / counts.sum() - 0.7) < 0.01  # over 40,000 windows
     streams = {name: torch.from_numpy(np.concatenate(mix.datasets[name].splits["train"]).astype(np.int64))
                for name in mix.names}
-    for row, src in zip(xy, mix.last_sources):  # each window is a slice of the source it was drawn for
+    for row, src in zip(xy[:30], mix.last_sources[:30]):  # each window is a slice of the source it was drawn for
         s = streams[mix.names[src]]
         starts = (s[:-8] == row[0]).nonzero().flatten()
         assert any(torch.equal(s[i:i + 9], row) for i in starts.tolist())
