@@ -393,7 +393,9 @@ def prepare_shards(corpus, tokenizer="bpe", out=None, vocab_size=32000, text_fie
     """Stream a corpus of any size into out/{train,val}_NNNNN.bin shards + manifest.json +
     meta.json; resumes a killed run. Returns out. stop_after_shards: stop (as if killed)
     once that many shards are entered in the manifest (for tests)."""
-    out = out or os.path.join(DATA_DIR, f"{corpus_name(corpus.removeprefix('hf:').replace('/', '_'))}_shards")
+    if out is None:  # data/<the corpus's path or glob, its odd characters as _>_shards
+        name = "".join(c if c.isalnum() or c in "-." else "_" for c in corpus.removeprefix("hf:").strip("/*."))
+        out = os.path.join(DATA_DIR, f"{name.strip('_')}_shards")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if not any(text.strip() for text, _, _ in iter_pieces(corpus, text_field)):  # before writing anything
