@@ -22,9 +22,9 @@ The arithmetic:
     (Chen et al. 2016, arXiv:1604.06174; LLaMA, arXiv:2302.13971, section 2.4) a block
     keeps only its input (B, T, C) and one block's activations are rebuilt at a time.
 
-TinyLlama (arXiv:2401.02385, section 2.4): 24,000 tokens/s per A100-40G, "3,456 A100
-GPU hours" for 300B tokens, 56% MFU. This file gives 3,472 hours (300e9 / 24,000 /
-3,600); 3,456 is 16 GPUs x 24 h x 9 days, the paper's 9.04 days rounded. MFU: 56.3%.
+TinyLlama (arXiv:2401.02385, section 2): 24,000 tokens/s per A100-40G, 3,456 A100 GPU
+hours per 300B tokens, 56% MFU. This file gives 3,472 hours (300e9 / 24,000 / 3,600);
+3,456 = 16 GPUs x 24 h x 9 days, what 9.04 days on their 16 GPUs rounds to. MFU: 56.3%.
 """
 
 from model import count_params, flops_per_token

@@ -1,8 +1,8 @@
 """Reading prepared data: token shards checked on opening, (B, T+1) windows drawn from them,
 and mixtures of datasets sampled by weight, as TinyLlama's SlimPajama : StarCoder = 7 : 3.
 
-TinyLlama (arXiv:2401.02385, section 2.1): "we sampled the natural language data and code
-data at a ratio of approximately 7:3". Here each row of a batch picks its source with
+TinyLlama (arXiv:2401.02385, section 2) samples natural language (SlimPajama) and code
+(StarCoderData) at about 7:3. Here each row of a batch picks its source with
 probability weight / sum(weights), then a shard of that source in proportion to the
 windows it holds, then a window uniformly: over many rows the sources' shares of the
 tokens trained on match the weights.
