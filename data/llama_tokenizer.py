@@ -4,7 +4,7 @@ and Hugging Face's `tokenizer.json` (TinyLlama and Llama 2 ship both).
 LLaMA (Touvron et al. 2023, arXiv:2302.13971, section 2.1 "Tokenizer"): byte-pair
 encoding with SentencePiece (Kudo & Richardson 2018, arXiv:1808.06226), numbers split
 into digits, unknown UTF-8 characters decomposed into bytes ("byte fallback"), 32,000
-tokens. TinyLlama (arXiv:2401.02385, section 2.1) reuses it unchanged.
+tokens. TinyLlama (arXiv:2401.02385, section 2) reuses Llama 2's unchanged.
 
 How it encodes, unlike GPT-2's byte-level BPE in data/tokenizer.py:
   1. no splitting into words: spaces become "▁" (U+2581) and one "▁" is put in front,
