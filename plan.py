@@ -1,17 +1,36 @@
-"""Will it fit, and how fast can it go? Memory and peak FLOP/s, from shapes and datasheets.
+"""Plan a run before it starts: will it fit, how many FLOPs, how long, on what.
 
-`estimate_memory` is the one memory estimator: train.py --estimate_memory, the
-fine-tuning experiment and bench.py (which checks it against the measured peak) use it.
-Every byte width is an argument, so its assumptions are on the page:
+    python train.py --config tinyllama_1b --plan --plan_tokens 300e9 \
+        --plan_tokens_per_sec 24000 --plan_devices 16 --plan_device A100-40G
+    python plan.py --config tinyllama_1b --quant nf4-dq     # bytes of every tensor, quantized
 
-    full  : weights + gradients (weight_bytes each) + AdamW's two fp32 moments (8 B)
+`estimate_memory` is the one memory estimator: train.py --estimate_memory and its fit
+check, --plan, the fine-tuning experiment and bench.py (which checks it against the
+measured peak) use it. Every byte width is an argument, so its assumptions are on the page:
+
+    full  : weights + gradients (weight_bytes each) + AdamW's two fp32 moments (8 B);
+            FSDP / ZeRO-3 (arXiv:1910.02054) shards the three over n_shards devices
     lora  : a frozen base in base_bytes, fp32 adapters with fp32 gradients and moments
     qlora : the blocks' linears in NF4 + double quantization (quant.quantized_nbytes,
             QLoRA arXiv:2305.14314 section 3), the rest of the base in base_bytes
-    + the activations autograd keeps for the backward pass (activation_bytes each).
+    + the activations autograd keeps for the backward pass (activation_bytes each); with
+      activation checkpointing (Chen et al. 2016, arXiv:1604.06174; LLaMA section 2.4) a
+      block keeps only its input and one block's activations are rebuilt at a time.
 
-`peak_flops` gives the denominator of MFU (PaLM arXiv:2204.02311 appendix B): a datasheet
-figure for GPUs, a measured fp32 matmul rate on CPU.
+The time arithmetic:
+  - FLOPs = total tokens x model.flops_per_token (PaLM, arXiv:2204.02311, appendix B:
+    6N per token for the matmuls' forward and backward, plus 12 L H Q T for attention).
+  - Throughput per device is either given (tokens/s) or follows from an MFU:
+    tokens/s = MFU x peak FLOP/s / FLOPs per token; given, the MFU it implies is reported.
+    Activation checkpointing recomputes the forward in the backward (8N instead of 6N
+    per token): the hardware does a third more work for the same model FLOPs, which
+    is why MFU counts model FLOPs only (PaLM appendix B).
+  - GPU-hours = total tokens / (tokens/s per device) / 3600; wall time = GPU-hours /
+    devices (perfect data-parallel scaling: an upper bound on speed).
+
+TinyLlama (arXiv:2401.02385, section 2): 24,000 tokens/s per A100-40G, 3,456 A100 GPU
+hours per 300B tokens, 56% MFU. This file gives 3,472 hours (300e9 / 24,000 / 3,600);
+3,456 = 16 GPUs x 24 h x 9 days, what 9.04 days on their 16 GPUs rounds to. MFU: 56.3%.
 """
 
 import argparse
@@ -21,38 +40,50 @@ import time
 import torch
 
 import quant
-from model import PRESETS, ModelConfig, Transformer, block_linear_shapes, count_params
+from model import PRESETS, ModelConfig, Transformer, block_linear_shapes, count_params, flops_per_token
 
-# dense bf16 tensor-core FLOP/s, from the vendors' datasheets
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12}
+# dense bf16 tensor-core FLOP/s and memory from the vendors' datasheets
+DEVICES = {
+    "A100-40G": {"peak_flops": 312e12, "memory": 40 * 2**30},
+    "A100-80G": {"peak_flops": 312e12, "memory": 80 * 2**30},
+    "H100": {"peak_flops": 989e12, "memory": 80 * 2**30},  # SXM
+    "H200": {"peak_flops": 989e12, "memory": 141 * 10**9},
+    "A10G": {"peak_flops": 125e12, "memory": 24 * 2**30},
+    "L4": {"peak_flops": 121e12, "memory": 24 * 2**30},
+    "RTX 4090": {"peak_flops": 165e12, "memory": 24 * 2**30},
+}
+
+
+# ----------------------------------------------------------------------------- memory
+def activation_elements_per_token(config, grad_checkpoint=False):
+    """Elements per token kept for the backward pass: every layer's RMSNorm inputs, the
+    normed inputs of the projections, q/k/v and the attention output SDPA keeps, SwiGLU's
+    four (B, T, intermediate) tensors; the final norm, the logits with their log-softmax
+    and the loss's two gradients (5 x V); one layer's gradients in flight (4 x I + 4 x C).
+    Checkpointed, a layer keeps its input (C) and one layer's activations exist at a time."""
+    C, I, L, V = config.n_embd, config.intermediate_size, config.n_layer, config.vocab_size
+    kv = config.n_kv_head * config.head_dim
+    layer = 7 * C + 2 * kv + 4 * I
+    kept = L * C + layer if grad_checkpoint else L * layer
+    return kept + 3 * C + 5 * V + 4 * I + 4 * C
 
 
 def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, base_bytes=2,
-                    activation_bytes=4, grad_checkpoint=False):
-    """Bytes of one training step for full fine-tuning, LoRA and QLoRA, and the decoding cache.
-
-    Activations are counted per token and layer from the forward: the RMSNorm inputs, the
-    normed inputs of the projections, q/k/v and the attention output that SDPA keeps,
-    SwiGLU's four (B, T, intermediate) tensors; plus the logits with their log-softmax and
-    the two gradients of the loss, and one layer's gradients in flight. With
-    grad_checkpoint, each block keeps only its input (C per token) and one block's
-    activations exist at a time, recomputed in the backward pass. LoRA adapts all seven
-    linear layers of every block (QLoRA section 4's setting).
-    """
+                    activation_bytes=4, grad_checkpoint=False, n_shards=1):
+    """Bytes of one training step per device for full training, LoRA and QLoRA, and the
+    decoding cache. LoRA adapts all seven linear layers of every block (QLoRA section 4)."""
     T = seq_len or config.block_size
-    C, I, L, V = config.n_embd, config.intermediate_size, config.n_layer, config.vocab_size
-    kv = config.n_kv_head * config.head_dim
+    L, kv = config.n_layer, config.n_kv_head * config.head_dim
     n = count_params(config)
     shapes = block_linear_shapes(config)
     n_block_linear = L * sum(o * i for o, i in shapes.values())
-    block = 7 * C + 2 * kv + 4 * I  # what one block keeps per token for its backward
-    per_token = (L * C + block if grad_checkpoint else L * block) + 3 * C + 5 * V + 4 * I + 4 * C
-    activations = activation_bytes * batch_size * T * per_token
+    activations = activation_bytes * batch_size * T * activation_elements_per_token(config, grad_checkpoint)
     lora_params = L * sum(lora_r * (o + i) for o, i in shapes.values())
     adapters = {"weights": 4 * lora_params, "gradients": 4 * lora_params, "optimizer": 8 * lora_params}
     nf4 = L * sum(quant.quantized_nbytes(o * i, o, "nf4-dq") for o, i in shapes.values())
     modes = {
-        "full": {"weights": weight_bytes * n, "gradients": weight_bytes * n, "optimizer": 8 * n},
+        "full": {"weights": weight_bytes * n / n_shards, "gradients": weight_bytes * n / n_shards,
+                 "optimizer": 8 * n / n_shards},
         "lora": {"base": base_bytes * n, **adapters},
         "qlora": {"base": nf4 + base_bytes * (n - n_block_linear), **adapters},
     }
@@ -63,6 +94,29 @@ def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, 
     return out
 
 
+def fit_advice(config, batch_size, seq_len, device_memory, activation_bytes=2, n_devices=1, mode="full",
+               grad_checkpoint=False, fsdp=False, lora_r=8):
+    """None if the step fits device_memory, else one line naming the knobs that make it
+    fit, each with its estimate (micro-batch, checkpointing, FSDP, LoRA, QLoRA)."""
+    gib = 2**30
+
+    def total(b, ckpt, shards=1, m=mode):
+        return estimate_memory(config, b, seq_len, lora_r, activation_bytes=activation_bytes, grad_checkpoint=ckpt,
+                               n_shards=shards)[m]["total"]
+    now = total(batch_size, grad_checkpoint, n_devices if fsdp else 1)
+    if now <= device_memory:
+        return None
+    options = [("--batch_size 1", total(1, grad_checkpoint)), ("--grad_checkpoint true", total(batch_size, True)),
+               ("--batch_size 1 --grad_checkpoint true", total(1, True))]
+    if n_devices > 1:
+        options.append(("--dist fsdp --grad_checkpoint true", total(batch_size, True, n_devices)))
+    options += [("--peft lora", total(batch_size, grad_checkpoint, m="lora")),
+                ("--peft qlora --grad_checkpoint true", total(batch_size, True, m="qlora"))]
+    fits = [f"{flag} ({est / gib:.1f} GiB)" for flag, est in options if est <= device_memory]
+    return (f"the step needs about {now / gib:.1f} GiB but the device has {device_memory / gib:.1f} GiB; "
+            + (f"what fits: {', '.join(fits)}" if fits else "nothing tried fits: use a smaller model or more memory"))
+
+
 def device_memory(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
@@ -70,33 +124,19 @@ def device_memory(device):
 
 
 def check_fits(cfg, config, device, dtype, world):
-    """Stop before training when the memory estimate (plan.py) exceeds the device's memory,
-    naming the knobs that make it fit."""
-    def need(**kw):
-        args = dict(batch_size=cfg.batch_size, grad_checkpoint=cfg.grad_checkpoint) | kw
-        est = estimate_memory(config, args["batch_size"], config.block_size, cfg.lora_r,
-                              activation_bytes=2 if dtype == torch.bfloat16 else 4,
-                              grad_checkpoint=args["grad_checkpoint"])[kw.get("mode", cfg.peft or "full")]
-        sharded = est["total"] - est["activations"] if cfg.dist == "fsdp" and world > 1 else 0
-        return est["total"] - sharded + sharded / world
-    have = device_memory(device)
-    if need() <= have:
-        return
-    options = [f"--batch_size 1 ({format_bytes(need(batch_size=1))})" if cfg.batch_size > 1 else None,
-               f"--grad_checkpoint true ({format_bytes(need(grad_checkpoint=True))})" if not cfg.grad_checkpoint
-               else None,
-               f"both ({format_bytes(need(batch_size=1, grad_checkpoint=True))})"
-               if cfg.batch_size > 1 and not cfg.grad_checkpoint else None,
-               f"--peft qlora ({format_bytes(need(mode='qlora'))})" if cfg.peft != "qlora" else None]
-    raise ValueError(f"one training step needs about {format_bytes(need())} ({cfg.batch_size} x {config.block_size} "
-                     f"tokens, {cfg.peft or 'full'} training) but {device} has {format_bytes(have)}; make it fit "
-                     f"with " + ", ".join(o for o in options if o) + " (see --estimate_memory)")
+    """train.py: stop before training when the estimate exceeds the device's memory."""
+    advice = fit_advice(config, cfg.batch_size, config.block_size, device_memory(device),
+                        activation_bytes=2 if dtype == torch.bfloat16 else 4, n_devices=world,
+                        mode=cfg.peft if cfg.peft in ("lora", "qlora") else "full",
+                        grad_checkpoint=cfg.grad_checkpoint, fsdp=cfg.dist == "fsdp" and world > 1, lora_r=cfg.lora_r)
+    if advice:
+        raise ValueError(f"{advice} (on {device}; see --estimate_memory)")
 
 
 def check_epochs(cfg, config, meta):
     """Say so when the schedule reads a dataset many times over: a preset built for a real
     corpus, run on the small default one."""
-    tokens = (cfg.max_iters - 0) * cfg.grad_accum * cfg.batch_size * config.block_size
+    tokens = cfg.max_iters * cfg.grad_accum * cfg.batch_size * config.block_size
     epochs = tokens / max(meta["train_tokens"], 1)
     if epochs > 100:
         print(f"note: the schedule reads {tokens:,} tokens, {epochs:,.0f} passes over dataset {cfg.dataset} "
@@ -124,13 +164,15 @@ def print_memory_estimate(config, batch_size, lora_r=8, bf16=False, grad_checkpo
     return est
 
 
+# ----------------------------------------------------------------------------- FLOP/s
 def peak_flops(device, dtype):
-    """The device's peak FLOP/s: a datasheet figure for GPUs; measured on CPU (fp32 matmul)."""
+    """The device's peak FLOP/s, MFU's denominator: a datasheet figure for GPUs (DEVICES,
+    matched by name); measured on CPU (fp32 matmul)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype == torch.bfloat16 else flops / 2  # tf32 is half the bf16 rate
+        for key, spec in DEVICES.items():
+            if key.split("-")[0] in name:
+                return spec["peak_flops"] if dtype == torch.bfloat16 else spec["peak_flops"] / 2  # tf32: half
         return None  # unknown GPU: MFU not reported
     g = torch.Generator().manual_seed(0)  # not the global RNG: that one drives dropout
     a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
@@ -144,6 +186,74 @@ def peak_flops(device, dtype):
     return 2 * 1024 ** 3 / best
 
 
+# ----------------------------------------------------------------------------- the plan
+def plan(model_config, tokens_per_step, steps=None, total_tokens=None, tokens_per_sec=None, mfu=None,
+         device="A100-40G", n_devices=1, seq_len=None, micro_batch=1, grad_checkpoint=False, fsdp=False,
+         dtype_bytes=2):
+    """A dict of the run's figures. Give steps or total_tokens, and tokens_per_sec (per
+    device) or mfu (0-1; the throughput then follows from the device's peak)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; one of: {', '.join(DEVICES)}")
+    if (steps is None) == (total_tokens is None):
+        raise ValueError("give exactly one of steps and total_tokens")
+    if tokens_per_sec is not None and mfu is not None:
+        raise ValueError("give tokens_per_sec or mfu, not both")
+    T = seq_len or model_config.block_size
+    steps = steps if steps is not None else -(-int(total_tokens) // int(tokens_per_step))  # ceil
+    total_tokens = steps * tokens_per_step
+    fpt = flops_per_token(model_config, T)
+    peak = DEVICES[device]["peak_flops"]
+    if mfu is not None:
+        tokens_per_sec = mfu * peak / fpt
+    elif tokens_per_sec is not None:
+        mfu = tokens_per_sec * fpt / peak
+    mem = estimate_memory(model_config, micro_batch, T, activation_bytes=dtype_bytes, grad_checkpoint=grad_checkpoint,
+                          n_shards=n_devices if fsdp else 1)["full"]
+    out = {
+        "params": count_params(model_config), "seq_len": T, "micro_batch": micro_batch, "device": device,
+        "n_devices": n_devices, "grad_checkpoint": grad_checkpoint, "fsdp": fsdp,
+        "tokens_per_step": tokens_per_step, "steps": steps, "total_tokens": total_tokens,
+        "grad_accum": tokens_per_step / (micro_batch * T * n_devices),
+        "flops_per_token": fpt, "total_flops": total_tokens * fpt,
+        "hardware_flops_per_token": fpt * 4 / 3 if grad_checkpoint else fpt,  # + one more forward (2N of 6N)
+        "memory": mem, "device_memory": DEVICES[device]["memory"], "fits": mem["total"] <= DEVICES[device]["memory"],
+        "tokens_per_sec_per_device": tokens_per_sec, "mfu": mfu,
+    }
+    if tokens_per_sec:
+        out["gpu_hours"] = total_tokens / tokens_per_sec / 3600
+        out["wall_hours"] = out["gpu_hours"] / n_devices
+    return out
+
+
+def format_plan(p):
+    """The plan as a few aligned lines for the terminal."""
+    gib = 2**30
+    m = p["memory"]
+    lines = [
+        f"model        {p['params'] / 1e9:.3f}B parameters, {p['flops_per_token'] / 1e9:.2f} GFLOPs per token "
+        f"(6N + attention at T = {p['seq_len']:,})",
+        f"batch        {p['tokens_per_step']:,} tokens per step = {p['micro_batch']} x {p['seq_len']:,} x "
+        f"{p['n_devices']} devices x {p['grad_accum']:g} accumulation steps",
+        f"schedule     {p['steps']:,} steps = {p['total_tokens'] / 1e9:,.2f}B tokens, "
+        f"{p['total_flops']:.3e} FLOPs",
+        f"memory       {m['total'] / gib:.2f} GiB per device of {p['device_memory'] / gib:.0f} GiB ({p['device']}): "
+        f"weights {m['weights'] / gib:.2f}, gradients {m['gradients'] / gib:.2f}, AdamW {m['optimizer'] / gib:.2f}, "
+        f"activations {m['activations'] / gib:.2f}"
+        + (" (checkpointed)" if p["grad_checkpoint"] else "") + (" (FSDP-sharded states)" if p["fsdp"] else "")
+        + ("" if p["fits"] else "  -> DOES NOT FIT"),
+    ]
+    if p.get("gpu_hours") is not None:
+        lines.append(f"throughput   {p['tokens_per_sec_per_device']:,.0f} tokens/s per {p['device']} = "
+                     f"{100 * p['mfu']:.1f}% MFU (peak {DEVICES[p['device']]['peak_flops'] / 1e12:.0f} TFLOP/s bf16)")
+        lines.append(f"time         {p['gpu_hours']:,.0f} {p['device']}-hours = {p['wall_hours']:,.1f} h "
+                     f"({p['wall_hours'] / 24:,.2f} days) on {p['n_devices']} devices")
+        if p["grad_checkpoint"]:
+            lines.append("note         checkpointing recomputes each block's forward: at the same hardware "
+                         "utilization expect about 3/4 of the tokens/s measured without it")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the storage report
 def main(argv=None):
     p = argparse.ArgumentParser(description="Bytes of every tensor of a preset, before and after quantizing "
                                 "its blocks' linear layers (quant.py), from shapes alone.")

@@ -13,6 +13,7 @@ Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str and n_voc
 """
 
 import base64
+import heapq
 import json
 import os
 from collections import Counter, defaultdict
@@ -57,17 +58,18 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, verbose=False):
     word_counts = Counter(regex.findall(pattern, text))
     words = [list(w.encode("utf-8")) for w in word_counts]  # each word as a list of token ids
     counts = list(word_counts.values())
-    pair_counts = Counter()
+    initial = Counter()
     where = defaultdict(set)  # pair -> indices of the words that contain it
     for i, w in enumerate(words):
         for pair in zip(w, w[1:]):
-            pair_counts[pair] += counts[i]
+            initial[pair] += counts[i]
             where[pair].add(i)
+    pair_counts = PairCounts(initial)
 
     vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     ranks = {b: i for i, b in enumerate(vocab)}  # bytes -> id
     while len(vocab) < vocab_size - 1 and pair_counts:
-        pair = max(pair_counts, key=pair_counts.get)  # the most frequent pair (first seen wins ties)
+        pair = pair_counts.top()  # the most frequent pair (first seen wins ties)
         if pair_counts[pair] < 2:
             break  # nothing left worth merging
         merged = vocab[pair[0]] + vocab[pair[1]]
@@ -81,6 +83,34 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, verbose=False):
         if verbose and len(vocab) % 500 == 0:
             print(f"bpe: {len(vocab)} tokens, last {merged!r}")
     return ranks
+
+
+class PairCounts(Counter):
+    """A Counter of pairs that finds its most frequent pair in O(log n): every count it
+    takes is also pushed on a heap as (-count, when the pair entered, pair); entries
+    whose count or entry time is no longer current are dropped when they surface. Ties
+    go to the pair that entered first, as max() over the dict's order would pick."""
+
+    def __init__(self, counts):
+        super().__init__()
+        dict.update(self, counts)  # the same order as counts
+        self.entered = {pair: t for t, pair in enumerate(counts)}
+        self.clock = len(counts)
+        self.heap = [(-c, self.entered[pair], pair) for pair, c in counts.items()]
+        heapq.heapify(self.heap)
+
+    def __setitem__(self, pair, count):
+        if pair not in self:
+            self.entered[pair], self.clock = self.clock, self.clock + 1
+        super().__setitem__(pair, count)
+        heapq.heappush(self.heap, (-count, self.entered[pair], pair))
+
+    def top(self):
+        while True:
+            count, entered, pair = self.heap[0]
+            if self.get(pair) == -count and self.entered[pair] == entered:
+                return pair
+            heapq.heappop(self.heap)  # stale
 
 
 def _merge_word(words, i, pair, new_id, count, pair_counts, where):
@@ -140,7 +170,7 @@ def gpt2_encoding():
                               f"(trained here) or --tokenizer char") from None
 
 
-def load_tokenizer(data_dir):
+def load_tokenizer(data_dir, backend="auto"):
     """The tokenizer a prepared dataset (or a training out_dir) was made with, from its meta.json."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
@@ -160,4 +190,74 @@ def load_tokenizer(data_dir):
         return bpe_encoding(load_bpe(path))
     if kind == "gpt2":
         return gpt2_encoding()
-    raise ValueError(f"{meta_path}: unknown tokenizer {kind!r} (expected char, bpe or gpt2)")
+    if kind in ("hf", "sentencepiece"):  # Llama's, copied into the dataset by data/prepare.py
+        from data.llama_tokenizer import load_llama_tokenizer
+        path = os.path.join(data_dir, meta["tokenizer_file"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer file {path} not found (named in {meta_path}); copy it from the "
+                                    f"dataset directory")
+        return load_llama_tokenizer(path, backend)
+    raise ValueError(f"{meta_path}: unknown tokenizer {kind!r} (expected char, bpe, gpt2, hf or sentencepiece)")
+
+
+# ----------------------------------------------------------------------------- any tokenizer
+def fingerprint(tok):
+    """sha256 of what fixes the ids (the vocabulary and its merges): a checkpoint records
+    it so a model is never sampled or trained on with another tokenizer's ids."""
+    import hashlib
+
+    if getattr(tok, "fingerprint", None):
+        return tok.fingerprint
+    h = hashlib.sha256()
+    if isinstance(tok, CharTokenizer):
+        h.update(b"char\n" + tok.chars.encode("utf-8", "surrogatepass"))
+    else:  # a tiktoken.Encoding: its byte-level ranks, pattern and special tokens
+        for token, rank in sorted(tok._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(base64.b64encode(token) + f" {rank}\n".encode())
+        h.update(tok._pat_str.encode() + json.dumps(tok._special_tokens, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def load_any_tokenizer(path, backend="auto"):
+    """Any tokenizer this repo reads -> encode, decode, n_vocab, eot_token, fingerprint.
+
+    path: a prepared dataset or training out_dir (its meta.json names the tokenizer), a
+    Hugging Face tokenizer.json, a SentencePiece tokenizer.model, a directory holding
+    one of those two (a downloaded model), or one of our .tiktoken BPE files. backend:
+    for the Llama files, "auto" uses the tokenizers / sentencepiece library when
+    installed, else data/llama_tokenizer.py's pure-Python reader ("python")."""
+    from data.llama_tokenizer import load_llama_tokenizer
+
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "meta.json")):
+            tok = load_tokenizer(path, backend)
+        else:
+            for name in ("tokenizer.json", "tokenizer.model"):
+                if os.path.exists(os.path.join(path, name)):
+                    return load_any_tokenizer(os.path.join(path, name), backend)
+            raise FileNotFoundError(f"{path} holds no meta.json, tokenizer.json or tokenizer.model: give a "
+                                    f"prepared dataset, a training out_dir or a tokenizer file")
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path} not found (give a tokenizer.json, tokenizer.model, "
+                                f".tiktoken file or a directory holding one)")
+    elif path.endswith((".json", ".model")):
+        tok = load_llama_tokenizer(path, backend)
+    elif path.endswith(".tiktoken"):
+        tok = bpe_encoding(load_bpe(path))
+    else:
+        raise ValueError(f"tokenizer {path}: expected tokenizer.json, tokenizer.model or a .tiktoken file")
+    tok.fingerprint = fingerprint(tok)
+    return tok
+
+
+def check_vocab(tok, vocab_size, expected_fingerprint=None, what="the model"):
+    """Raise one line if ids from `tok` cannot index a model with `vocab_size` rows, or if
+    the model was trained with another tokenizer (its recorded fingerprint differs).
+    A smaller tokenizer is fine (embedding tables are often padded, e.g. to a multiple of 64)."""
+    if tok.n_vocab > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.n_vocab:,} tokens but {what} has vocab_size {vocab_size:,}: "
+                         f"ids up to {tok.n_vocab - 1:,} would index past its embedding; use the tokenizer "
+                         f"{what} was trained with, or --vocab_size {tok.n_vocab} for a new model")
+    if expected_fingerprint and fingerprint(tok) != expected_fingerprint:
+        raise ValueError(f"the tokenizer (fingerprint {fingerprint(tok)[:12]}) is not the one {what} was trained "
+                         f"with (fingerprint {expected_fingerprint[:12]}): its ids would mean other text")
