@@ -57,7 +57,7 @@ import train
 from data.prepare import prepare, pydoc_corpus
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer
-from runs import apply_peft, load_run, resolve_device
+from runs import apply_peft, copy_tokenizer, load_run, resolve_device
 
 USER, BOT, EOT = "\u24ca", "\u24b6", "\u2403"  # Ⓤ Ⓐ ␃: user turn, assistant turn, end of turn
 
@@ -406,14 +406,6 @@ def same_tokenizer(dir_a, dir_b):
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
-
-
-def copy_tokenizer(src, dst):
-    for name in ("meta.json", "tokenizer.tiktoken"):
-        if os.path.exists(os.path.join(src, name)):
-            with open(os.path.join(src, name), "rb") as f:
-                data = f.read()
-            atomic_write(os.path.join(dst, name), lambda f: f.write(data))
 
 
 @contextmanager

@@ -117,8 +117,15 @@ def fingerprint(paths):
     return h.hexdigest()[:16]
 
 
+def tokenizer_files(folder):
+    """meta.json and the tokenizer file it names (tokenizer.tiktoken, .json or .model)."""
+    meta_path = os.path.join(folder, "meta.json")
+    named = read_json(meta_path).get("tokenizer_file") if os.path.exists(meta_path) else None
+    return ["meta.json"] + ([named] if named else [])
+
+
 def tokenizer_fingerprint(folder):
-    return fingerprint([os.path.join(folder, n) for n in ("meta.json", "tokenizer.tiktoken")])
+    return fingerprint([os.path.join(folder, n) for n in tokenizer_files(folder)])
 
 
 # ----------------------------------------------------------------------------- one run per out_dir

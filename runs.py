@@ -19,7 +19,7 @@ import hf
 import peft
 import quant
 from checkpoint import (atomic_write, check_same_config, fingerprint, load_checkpoint, read_json, save_figure,
-                        tokenizer_fingerprint)
+                        tokenizer_files, tokenizer_fingerprint)
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, convert_kv_heads
 
@@ -170,8 +170,9 @@ def check_out_dir(out_dir, needed_bytes):
 
 
 def copy_tokenizer(data_dir, out_dir):
-    """meta.json (and the BPE file) next to the checkpoint: sample.py needs only out_dir."""
-    for name in ("meta.json", "tokenizer.tiktoken"):
+    """meta.json and the tokenizer file it names, next to the checkpoint: sample.py needs
+    only out_dir."""
+    for name in tokenizer_files(data_dir):
         src = os.path.join(data_dir, name)
         if os.path.exists(src):
             with open(src, "rb") as f:

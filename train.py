@@ -35,17 +35,17 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import load_checkpoint, lock_out_dir, read_json, save_checkpoint, tokenizer_fingerprint, unlock_out_dir
+from checkpoint import load_checkpoint, lock_out_dir, save_checkpoint, tokenizer_fingerprint, unlock_out_dir
+from data.dataset import Mixture, open_dataset, parse_mixture
 from data.prepare import dataset_dir, prepare
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, count_params, flops_per_token
 from peft import PagedAdamW, parse_targets
 from distributed import gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum, state_dicts, wrap_model
-from plan import check_epochs, check_fits, peak_flops, print_memory_estimate
+from plan import check_epochs, check_fits, format_plan, peak_flops, plan, print_memory_estimate
 from runs import build_model, check_finite, check_out_dir, copy_tokenizer, plot_losses, save_adapter
 
 
@@ -183,6 +183,13 @@ def argument_parser():
                                 allow_abbrev=False)
     p.add_argument("--config", default="debug", help=f"one of: {', '.join(CONFIGS)}")
     p.add_argument("--estimate_memory", action="store_true", help="print the memory estimate and stop")
+    g = p.add_argument_group("run planner (--plan prints the plan and stops; plan.py)")
+    g.add_argument("--plan", action="store_true", help="tokens, steps, FLOPs, memory per device, time")
+    g.add_argument("--plan_tokens", type=float, help="total tokens (default: max_iters steps)")
+    g.add_argument("--plan_tokens_per_sec", type=float, help="measured throughput per device")
+    g.add_argument("--plan_mfu", type=float, help="or an MFU (0-1), with the device's peak")
+    g.add_argument("--plan_device", default="A100-40G", help="one of plan.DEVICES")
+    g.add_argument("--plan_devices", type=int, default=1, help="number of devices")
     for group, cls in (("training", TrainConfig), ("model (model.py)", ModelConfig)):
         g = p.add_argument_group(group)
         for f in fields(cls):
@@ -192,6 +199,10 @@ def argument_parser():
                            nargs="?" if is_bool else None, const="true" if is_bool else None)
     p.error = fail  # errors are ValueErrors: main() prints them as one line
     return p
+
+
+PLANNER_ARGS = ("config", "estimate_memory", "plan", "plan_tokens", "plan_tokens_per_sec", "plan_mfu", "plan_device",
+                "plan_devices")
 
 
 def fail(message):
@@ -211,7 +222,7 @@ def parse_args(argv):
                          f"unexpected argument {name!r}; use --field value")
     if args.config not in CONFIGS:
         raise ValueError(f"unknown config {args.config!r}; known configs: {', '.join(CONFIGS)}")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "estimate_memory")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in PLANNER_ARGS}
     base = CONFIGS[args.config]
     train_names = {f.name for f in fields(TrainConfig)}
     train_args = {k: parse_value(k, v, getattr(base, k)) for k, v in given.items() if k in train_names}
@@ -226,47 +237,37 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------- data
-def load_dataset(name):
-    """meta.json and the train/val token arrays (memory-mapped) of a prepared dataset.
-
+def load_dataset(spec):
+    """The tokenizer description (meta.json) of a --dataset: one prepared dataset, or a
+    mixture `name:weight,name:weight` of datasets made with one tokenizer (data/dataset.py).
     The default datasets (pydoc_char, pydoc_bpe) are prepared on first use."""
-    path = dataset_dir(name)
-    if not os.path.exists(os.path.join(path, "meta.json")):
+    names = [name for name, _ in parse_mixture(spec)]
+    for name in names:
+        path = dataset_dir(name)
         corpus, _, tokenizer = os.path.basename(path).rpartition("_")
-        if corpus != "pydoc" or tokenizer not in ("char", "bpe"):
-            raise FileNotFoundError(f"dataset {path} is not prepared (no meta.json): run "
-                                    f"`python data/prepare.py --corpus CORPUS --tokenizer TOKENIZER --out {path}`")
-        print(f"preparing the default dataset {name} (once)")
-        prepare("pydoc", tokenizer, out=path, verbose=False)
-    meta = {**read_json(os.path.join(path, "meta.json"), "the dataset's description"), "path": path}
-    splits = {}
-    for split in ("train", "val"):
-        bin_path = os.path.join(path, f"{split}.bin")
-        if not os.path.exists(bin_path):
-            raise FileNotFoundError(f"{bin_path} is missing: re-run data/prepare.py for {path}")
-        splits[split] = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
-        top = int(splits[split][:: max(1, len(splits[split]) // 1_000_000)].max()) if len(splits[split]) else 0
-        if top >= meta["vocab_size"]:
-            raise ValueError(f"{bin_path} holds token id {top}, outside the tokenizer's vocabulary of "
-                             f"{meta['vocab_size']}: the dataset and its meta.json do not belong together")
-    return meta, splits
+        if not os.path.exists(os.path.join(path, "meta.json")) and corpus == "pydoc" and tokenizer in ("char", "bpe"):
+            print(f"preparing the default dataset {name} (once)")
+            prepare("pydoc", tokenizer, out=path, verbose=False)
+    first = open_dataset(names[0])  # every source is checked again by the samplers below
+    return {**first.meta, "path": first.path, "train_tokens": first.tokens("train")}
 
 
-def get_batch(data, offsets, block_size, device):
-    """Sequences starting at `offsets` of the token array: inputs x and next-token targets y, (B, T)."""
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in offsets.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in offsets.tolist()])
+def samplers(cfg, block_size, vocab_size):
+    """(B, T+1) windows: "train" draws the training batches (every process the same global
+    batch, of which it takes its own micro-batches; resumable from a counter), "eval_train"
+    and "eval_val" the evaluation batches, restarted at every evaluation so each one reads
+    the same windows. Opening them checks every source's shards, ids and split lengths."""
+    return {"train": Mixture.from_spec(cfg.dataset, "train", block_size, vocab_size, cfg.seed),
+            **{f"eval_{split}": Mixture.from_spec(cfg.dataset, split, block_size, vocab_size, cfg.seed + 1)
+               for split in ("train", "val")}}
+
+
+def get_batch(windows, device):
+    """(B, T+1) windows -> inputs x and next-token targets y, (B, T) each, on the device."""
+    x, y = windows[:, :-1], windows[:, 1:]
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
-
-
-def draw_offsets(data, n, block_size, generator, split="train"):
-    if len(data) < block_size + 2:
-        raise ValueError(f"the {split} split has {len(data)} tokens, but one sequence of block_size={block_size} "
-                         f"needs block_size + 2 = {block_size + 2} (inputs and shifted targets); use a larger "
-                         f"corpus or a smaller --block_size")
-    return torch.randint(len(data) - block_size - 1, (n,), generator=generator)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -294,20 +295,20 @@ def get_lr(it, cfg):
 
 # ----------------------------------------------------------------------------- training
 @torch.no_grad()
-def evaluate(model, data, cfg, block_size, device, autocast):
+def evaluate(r):
     """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
-    model.eval()
+    r.model.eval()
     out = {}
     for split in ("train", "val"):
-        g = torch.Generator().manual_seed(cfg.seed + 1)
+        sampler = r.data[f"eval_{split}"]
+        sampler.load_state_dict({**sampler.state_dict(), "draws": 0})
         losses = []
-        for _ in range(cfg.eval_iters):
-            offsets = draw_offsets(data[split], cfg.batch_size, block_size, g, split)
-            x, y = get_batch(data[split], offsets, block_size, device)
-            with autocast:
-                losses.append(model(x, y)[1].item())
+        for _ in range(r.cfg.eval_iters):
+            x, y = get_batch(sampler.draw(r.cfg.batch_size), r.device)
+            with r.autocast:
+                losses.append(r.model(x, y)[1].item())
         out[split] = sum(losses) / len(losses)
-    model.train()
+    r.model.train()
     return out
 
 
@@ -335,7 +336,7 @@ def setup(cfg, model_args, explicit):
     if r.master:
         lock_out_dir(cfg.out_dir)  # before anything reads or writes the out_dir's files
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    r.meta, r.data = load_dataset(cfg.dataset)
+    r.meta = load_dataset(cfg.dataset)
     r.tokenizer_id = tokenizer_fingerprint(r.meta["path"])
     if r.ckpt is not None and r.ckpt.get("tokenizer", r.tokenizer_id) != r.tokenizer_id:
         raise ValueError(f"{cfg.out_dir} was trained with another tokenizer than dataset {cfg.dataset}'s "
@@ -354,14 +355,17 @@ def setup(cfg, model_args, explicit):
     r.autocast = torch.autocast(r.device.type, dtype=r.dtype) if r.dtype != torch.float32 else nullcontext()
     r.model = wrap_model(r.raw, cfg, r.world, r.device)
     r.optimizer = make_optimizer(r.raw, cfg, r.device)
-    r.data_gen = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+    r.data = samplers(cfg, r.config.block_size, r.meta["vocab_size"])  # checks every shard's ids and length
     r.iter_num = 0
     r.history = {"iter": [], "train_loss": [], "eval_iter": [], "val_loss": [], "eval_train_loss": []}
     if r.ckpt is not None:  # a PEFT checkpoint holds only the trainable tensors: the rest is the base's
         model_sd = {**r.raw.state_dict(), **r.ckpt["model"]} if cfg.peft else r.ckpt["model"]
         load_state_dicts(r.raw, r.optimizer, model_sd, r.ckpt["optimizer"])
         r.iter_num, r.history = r.ckpt["iter_num"], r.ckpt["history"]
-        r.data_gen.set_state(r.ckpt["rng"]["data"])
+        if not isinstance(r.ckpt["rng"]["data"], dict):
+            raise ValueError(f"{cfg.out_dir}/ckpt.pt records its data position in an older format; it cannot "
+                             f"be resumed exactly: start a new run (or fine-tune from it with --init_from)")
+        r.data["train"].load_state_dict(r.ckpt["rng"]["data"])
         torch.set_rng_state(r.ckpt["rng"]["torch"][r.rank])
         if r.device.type == "cuda" and r.ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state(r.ckpt["rng"]["cuda"][r.rank])
@@ -391,7 +395,7 @@ def save(r, step_seconds):
         save_checkpoint({"model": model_sd, "optimizer": optim_sd, "iter_num": r.iter_num,
                          "model_config": r.config.to_dict(), "train_config": asdict(cfg),
                          "tokenizer": r.tokenizer_id,
-                         "rng": {"torch": rngs, "cuda": cuda_rngs, "data": r.data_gen.get_state()},
+                         "rng": {"torch": rngs, "cuda": cuda_rngs, "data": r.data["train"].state_dict()},
                          "history": r.history, **peft_info}, r.ckpt_path)
         if cfg.peft:
             save_adapter(r.raw, os.path.join(cfg.out_dir, "adapter"), os.path.abspath(cfg.init_from))
@@ -443,7 +447,7 @@ def loop(r):
         while True:
             at_end = r.iter_num >= cfg.max_iters
             if (r.iter_num % cfg.eval_interval == 0 or at_end or stop) and r.iter_num != r.last_saved:
-                losses = evaluate(r.model, r.data, cfg, block_size, r.device, r.autocast)
+                losses = evaluate(r)
                 r.history["eval_iter"].append(r.iter_num)
                 r.history["val_loss"].append(losses["val"])
                 r.history["eval_train_loss"].append(losses["train"])
@@ -480,12 +484,11 @@ def step(r):
     for group in r.optimizer.param_groups:
         group["lr"] = lr
     # every process draws the same global batch and takes its own micro-batches of it
-    offsets = draw_offsets(r.data["train"], cfg.grad_accum * cfg.batch_size, r.config.block_size, r.data_gen)
+    windows = r.data["train"].draw(cfg.grad_accum * cfg.batch_size)  # (grad_accum * B, T + 1)
     loss_sum = torch.zeros((), device=r.device)
     for micro in range(r.local_accum):
         k = r.rank * r.local_accum + micro
-        x, y = get_batch(r.data["train"], offsets[k * cfg.batch_size:(k + 1) * cfg.batch_size],
-                         r.config.block_size, r.device)
+        x, y = get_batch(windows[k * cfg.batch_size:(k + 1) * cfg.batch_size], r.device)
         with grad_sync(r.model, micro == r.local_accum - 1):
             with r.autocast:
                 _, loss = r.model(x, y)
@@ -531,6 +534,16 @@ def print_sample(r):
     print(tokenizer.decode(out[0, 1:].tolist()))
 
 
+def print_plan(cfg, model_args, args):
+    config = ModelConfig.from_name(cfg.model, **model_args)
+    p = plan(config, tokens_per_step=cfg.grad_accum * cfg.batch_size * config.block_size,
+             steps=None if args.plan_tokens else cfg.max_iters, total_tokens=args.plan_tokens,
+             tokens_per_sec=args.plan_tokens_per_sec, mfu=args.plan_mfu, device=args.plan_device,
+             n_devices=args.plan_devices, seq_len=config.block_size, micro_batch=cfg.batch_size,
+             grad_checkpoint=cfg.grad_checkpoint, fsdp=cfg.dist == "fsdp")
+    print(format_plan(p))
+
+
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -540,6 +553,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg, model_args, explicit = parse_args(argv)
+        if "--plan" in argv:
+            print_plan(cfg, model_args, argument_parser().parse_known_args(argv)[0])
+            return
         if "--estimate_memory" in argv:
             print_memory_estimate(ModelConfig.from_name(cfg.model, **model_args), cfg.batch_size, cfg.lora_r,
                                   bf16=cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()),

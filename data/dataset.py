@@ -113,7 +113,7 @@ def _check_ids(shard, vocab_size, path, full):
     parts = [shard] if full or len(shard) <= 2 * SCAN_TOKENS else [shard[:SCAN_TOKENS], shard[-SCAN_TOKENS:]]
     top = max((int(p.max()) for p in parts if len(p)), default=0)
     if top >= vocab_size:
-        raise ValueError(f"shard {path} holds token id {top:,} but the model's vocab_size is {vocab_size:,}: it "
+        raise ValueError(f"shard {path} holds token id {top:,} but the vocabulary has {vocab_size:,} ids: it "
                          f"was prepared with another tokenizer than the model's (or is corrupt)")
 
 

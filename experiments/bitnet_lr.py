@@ -116,7 +116,7 @@ def main():
     p.add_argument("--out", default=OUT)
     args = p.parse_args()
     setup = QUICK if args.quick else FULL
-    meta, _ = load_dataset(args.dataset)
+    meta = load_dataset(args.dataset)
     runs_dir = os.path.join(args.out, "bitnet_lr_runs")
     results = {v: {} for v in VARIANTS}
     for variant in VARIANTS:

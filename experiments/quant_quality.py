@@ -28,7 +28,8 @@ from checkpoint import load_checkpoint, write_json  # noqa: E402
 from common import OUT, save_figure  # noqa: E402
 import quant  # noqa: E402
 from runs import load_run  # noqa: E402
-from train import TrainConfig, draw_offsets, get_batch, load_dataset, train  # noqa: E402
+from data.dataset import Mixture  # noqa: E402
+from train import TrainConfig, get_batch, load_dataset, train  # noqa: E402
 
 CODEBOOKS = {"nf4": quant.NF4_LEVELS, "int4": quant.INT4_LEVELS, "fp4": quant.FP4_LEVELS}
 FULL = dict(model=dict(n_layer=4, n_embd=256, n_head=8, n_kv_head=4, block_size=128),
@@ -49,18 +50,16 @@ def trained_model(setup, dataset, out_dir):
         if not same:
             print(f"{ckpt_path} is from another setup: training again")
     if not os.path.exists(ckpt_path) or not same:
-        meta, _ = load_dataset(dataset)
+        meta = load_dataset(dataset)
         train(cfg, {**setup["model"], "vocab_size": meta["vocab_size"]})
     return load_run(os.path.dirname(ckpt_path))[0]
 
 
 @torch.no_grad()
-def val_loss(model, data, n_batches, batch_size=16):
+def val_loss(model, dataset, n_batches, batch_size=16):
     """Mean cross-entropy over the same n_batches validation batches for every format."""
-    block = model.config.block_size
-    offsets = draw_offsets(data, n_batches * batch_size, block, torch.Generator().manual_seed(0))
-    losses = [model(*get_batch(data, offsets[i * batch_size:(i + 1) * batch_size], block, torch.device("cpu")))[1]
-              for i in range(n_batches)]
+    sampler = Mixture.from_spec(dataset, "val", model.config.block_size, seed=0)
+    losses = [model(*get_batch(sampler.draw(batch_size), torch.device("cpu")))[1] for _ in range(n_batches)]
     return torch.stack(losses).mean().item()
 
 
@@ -139,7 +138,7 @@ def main():
     torch.manual_seed(0)
     model = trained_model(setup, args.dataset, os.path.join(args.out, "quant_quality_quick_model" if args.quick
                                                             else "quant_quality_model"))
-    _, data = load_dataset(args.dataset)
+    load_dataset(args.dataset)  # prepared on first use
 
     variants = {"fp32": lambda: model,
                 "int8": lambda: quant.quantize_model(copy.deepcopy(model), "int8"),
@@ -153,7 +152,7 @@ def main():
             "nf4-dq": quant.bits_per_param(quant.quantize_nf4(model.layers[0].feed_forward.w1.weight))}
     table = {}
     for name, make in variants.items():
-        loss = val_loss(make(), data["val"], setup["eval_batches"])
+        loss = val_loss(make(), args.dataset, setup["eval_batches"])
         table[name] = dict(val_loss=loss, ppl=math.exp(loss), bits_per_param=bits[name])
         print(f"{name:>10}: val loss {loss:.4f} | ppl {math.exp(loss):.4f} | ~{bits[name]:.3f} bits/param (w1)")
 
