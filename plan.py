@@ -127,7 +127,7 @@ def check_fits(cfg, config, device, dtype, world):
     """train.py: stop before training when the estimate exceeds the device's memory."""
     advice = fit_advice(config, cfg.batch_size, config.block_size, device_memory(device),
                         activation_bytes=2 if dtype == torch.bfloat16 else 4, n_devices=world,
-                        mode=cfg.peft if cfg.peft in ("lora", "qlora") else "full",
+                        mode="qlora" if cfg.peft == "qlora" else "lora" if cfg.peft else "full",  # prefix: a frozen base too
                         grad_checkpoint=cfg.grad_checkpoint, fsdp=cfg.dist == "fsdp" and world > 1, lora_r=cfg.lora_r)
     if advice:
         raise ValueError(f"{advice} (on {device}; see --estimate_memory)")

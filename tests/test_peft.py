@@ -412,7 +412,7 @@ def test_peft_needs_init_from():
     from train import parse_args
     with pytest.raises(ValueError, match="--peft lora fine-tunes a pretrained model: give it with --init_from"):
         parse_args(["--peft", "lora"])
-    with pytest.raises(ValueError, match="--peft must be lora, prefix or qlora"):
+    with pytest.raises(ValueError, match="--peft must be one of '', 'lora', 'prefix', 'qlora', got 'adapters'"):
         parse_args(["--peft", "adapters", "--init_from", "x"])
 
 
