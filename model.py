@@ -322,18 +322,6 @@ class Transformer(nn.Module):
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, n_vocab))
         return torch.cat([idx[:, -self.config.block_size:]] + [t[:, None] for t in new], dim=1)
 
-    # ------------------------------------------------------------------------- checkpoints
-    @classmethod
-    def from_hf(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face Llama checkpoint directory or Hub id (hf.py)."""
-        import hf  # hf.py imports this file: the door is opened lazily
-        return hf.load_llama(path, dtype, device)
-
-    def save_hf(self, path, dtype=None):
-        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads (hf.py)."""
-        import hf
-        hf.save_llama(self, path, dtype)
-
 
 def check_sampling_args(temperature, top_k, top_p):
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN

@@ -45,7 +45,7 @@ def resolve_device(name):
 def load_pretrained(path):
     """(ModelConfig, state_dict) from our checkpoint (an out_dir or .pt) or a Hugging Face directory."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")):
-        model = Transformer.from_hf(path)
+        model = hf.load_llama(path)
         return model.config, model.state_dict()
     ckpt = load_checkpoint(path)
     return ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]

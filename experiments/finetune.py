@@ -272,7 +272,7 @@ def main():
               "lora merged": latency(peft.merge_lora(lora), x, s["repeats"])}
     errors = merge_errors(base, r8, x[:2])
     base_bytes = os.path.getsize(os.path.join(base, "ckpt.pt"))
-    plain.save_hf(os.path.join(root, "base_hf"))
+    hf.save_llama(plain, os.path.join(root, "base_hf"))
     result = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "lr": LR,
               "base_val_loss": base_val, "runs": rows, "latency_s": timing, "merge_error": errors,
               "bytes": {"base_model_safetensors_fp32": os.path.getsize(os.path.join(root, "base_hf", "model.safetensors")),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+import hf
 from hf import config_from_hf
 from model import Transformer
 
@@ -37,12 +38,12 @@ def hf_model(n_kv_head, tie, theta, **kw):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_load_hf_checkpoint_gives_the_same_logits(variant, tmp_path):
-    hf = hf_model(*VARIANTS[variant])
-    hf.save_pretrained(tmp_path)
-    ours = Transformer.from_hf(str(tmp_path)).eval()
+    theirs = hf_model(*VARIANTS[variant])
+    theirs.save_pretrained(tmp_path)
+    ours = hf.load_llama(str(tmp_path)).eval()
     idx = torch.randint(0, 97, (2, 50))
     with torch.no_grad():
-        diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
+        diff = (ours(idx)[0] - theirs(idx).logits).abs().max().item()
     assert diff < 1e-4
     assert ours.config.rope_theta == VARIANTS[variant][2]
     assert ours.config.tie_embeddings == VARIANTS[variant][1]
@@ -52,43 +53,43 @@ def test_load_hf_checkpoint_gives_the_same_logits(variant, tmp_path):
 def test_exported_checkpoint_loads_in_transformers(variant, tmp_path):
     n_kv_head, tie, theta = VARIANTS[variant]
     ours = Transformer(tiny_config(n_kv_head=n_kv_head, tie_embeddings=tie, rope_theta=theta)).eval()
-    ours.save_hf(str(tmp_path))
-    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    assert hf.config.num_key_value_heads == n_kv_head
+    hf.save_llama(ours, str(tmp_path))
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert theirs.config.num_key_value_heads == n_kv_head
     idx = torch.randint(0, 97, (2, 50))
     with torch.no_grad():
-        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
-    again = Transformer.from_hf(str(tmp_path))  # and back, bit for bit
+        assert (ours(idx)[0] - theirs(idx).logits).abs().max().item() < 1e-4
+    again = hf.load_llama(str(tmp_path))  # and back, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
 
 
 @pytest.mark.parametrize("variant", ["gqa", "mqa-theta1e6", "gqa-tied"])
 def test_greedy_decoding_matches_transformers_generate(variant, tmp_path):
-    hf = hf_model(*VARIANTS[variant])
-    hf.save_pretrained(tmp_path)
-    ours = Transformer.from_hf(str(tmp_path)).eval()
+    theirs = hf_model(*VARIANTS[variant])
+    theirs.save_pretrained(tmp_path)
+    ours = hf.load_llama(str(tmp_path)).eval()
     idx = torch.randint(0, 97, (1, 6))
-    theirs = hf.generate(idx, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None)
+    theirs = theirs.generate(idx, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours.generate(idx, 40, temperature=0), theirs)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    hf = hf_model(2, False, 10000.0)
-    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    theirs = hf_model(2, False, 10000.0)
+    theirs.save_pretrained(tmp_path, max_shard_size="60KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    ours = Transformer.from_hf(str(tmp_path)).eval()
+    ours = hf.load_llama(str(tmp_path)).eval()
     idx = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
-        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+        assert (ours(idx)[0] - theirs(idx).logits).abs().max().item() < 1e-4
 
 
 def test_bf16_checkpoint_loads_as_fp32(tmp_path):
-    hf = hf_model(2, False, 10000.0).to(torch.bfloat16)
-    hf.save_pretrained(tmp_path)
-    ours = Transformer.from_hf(str(tmp_path))
+    theirs = hf_model(2, False, 10000.0).to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path)
+    ours = hf.load_llama(str(tmp_path))
     assert ours.tok_embeddings.weight.dtype == torch.float32
-    assert torch.equal(ours.tok_embeddings.weight, hf.model.embed_tokens.weight.float())
+    assert torch.equal(ours.tok_embeddings.weight, theirs.model.embed_tokens.weight.float())
 
 
 def test_unsupported_architectures_are_refused(tmp_path):
@@ -100,4 +101,4 @@ def test_unsupported_architectures_are_refused(tmp_path):
     with pytest.raises(ValueError, match="biases"):
         config_from_hf({**base, "attention_bias": True})
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_hf(str(tmp_path))
+        hf.load_llama(str(tmp_path))

@@ -29,7 +29,10 @@ import sample
 import train
 from checkpoint import load_checkpoint, save_checkpoint, write_json
 from conftest import ONE_THREAD, ROOT, TINY, one_error_line, run_train, snapshot, train_cmd
+import hf
+from conftest import tiny_config
 from hf import config_from_hf
+from model import Transformer
 
 
 
@@ -141,9 +144,9 @@ HF_CONFIGS = [
 
 @pytest.mark.parametrize("change, message", HF_CONFIGS, ids=[m[:30] for _, m in HF_CONFIGS])
 def test_hugging_face_config_fields_are_read_or_refused(change, message):
-    hf = {k: v for k, v in {**LLAMA, **change}.items() if v is not None}
+    config = {k: v for k, v in {**LLAMA, **change}.items() if v is not None}
     with pytest.raises(ValueError, match="^cfg/config.json: ") as e:
-        config_from_hf(hf, "cfg/config.json")
+        config_from_hf(config, "cfg/config.json")
     assert message in str(e.value)
 
 
@@ -160,9 +163,6 @@ def test_rope_theta_is_read_in_every_spelling_as_transformers_reads_it(spelling)
 
 
 def test_hugging_face_files_that_do_not_fit(tmp_path, capsys):
-    import hf
-    from model import Transformer
-    from conftest import tiny_config
     path = tmp_path / "hf"
     hf.save_llama(Transformer(tiny_config()), str(path))
     (path / "tokenizer.json").write_text("{}")

@@ -178,7 +178,7 @@ def test_hf_peft_parity_both_ways(tmp_path):
         pytest.skip("Hugging Face peft is not installed (the oracle for the adapter layout)")
     pytest.importorskip("transformers", reason="transformers loads the exported base for the PEFT oracle")
     base, model = lora_model(r=4, alpha=8, targets=("q", "v", "gate"))
-    base.save_hf(tmp_path / "base")
+    hf.save_llama(base, tmp_path / "base")
     hf.save_lora(model, tmp_path / "ours")
     x = ids()
     torch.save(x, tmp_path / "ids.pt")
@@ -190,7 +190,7 @@ def test_hf_peft_parity_both_ways(tmp_path):
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     with torch.no_grad():
         assert (out["ours"] - model(x)[0]).abs().max() < 1e-4  # our adapter in their PeftModel
-        theirs = Transformer.from_hf(str(tmp_path / "base"))
+        theirs = hf.load_llama(str(tmp_path / "base"))
         hf.load_lora(theirs, tmp_path / "theirs")  # their adapter in our model
         assert peft.count_trainable(theirs) == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 256))  # q o, k v, mlp
         assert (out["theirs"] - theirs(x)[0]).abs().max() < 1e-4

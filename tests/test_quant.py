@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+
+import hf
 from torch import nn
 
 import quant
@@ -299,7 +301,7 @@ def test_bitlinear_model_trains_and_refuses_hf_export(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
     with pytest.raises(ValueError, match="bitlinear"):
-        model.save_hf(str(tmp_path))
+        hf.save_llama(model, str(tmp_path))
     with pytest.raises(ValueError, match="already quantized with bitlinear"):
         quant.quantize_model(model, "nf4")
 

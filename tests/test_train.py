@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import hf
+
 from conftest import ROOT, TINY, run_train
 from model import ModelConfig, Transformer
 import distributed
@@ -140,7 +142,7 @@ def test_a_fine_tune_never_writes_into_its_base(char_dataset, tmp_path):
 
 def test_init_from_hugging_face_directory(char_dataset, tmp_path):
     base = Transformer(ModelConfig(vocab_size=128, block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
-    base.save_hf(str(tmp_path / "hf"))
+    hf.save_llama(base, str(tmp_path / "hf"))
     cfg, model_args, explicit = parse_args(["--dataset", char_dataset, "--init_from", str(tmp_path / "hf"),
                                             "--out_dir", str(tmp_path / "ft"), "--max_iters", "0",
                                             "--batch_size", "2", "--eval_iters", "1"])
