@@ -120,6 +120,31 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     return ids
 
 
+def sample_image(args, device):
+    """--image: a llava.py run answers about the picture (the image's features stand in for <image>)."""
+    import llava
+    model, tokenizer = llava.load(args.out_dir, device)
+    image = llava.read_image(args.image, model.vision.config.image_size)
+    prompt_ids = llava.encode_prompt(tokenizer, read_prompt(args.prompt), 1, model.n_image_tokens)
+    x = torch.tensor([prompt_ids], device=device)
+    pixels = llava.pixel_values(image)[None].to(device)  # (1, 3, H, W)
+    shown = [i for i in prompt_ids if i != tokenizer.image_token]  # the text, without the visual tokens
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos_id = tokenizer.eot_token if args.eos_id is None else args.eos_id
+    for k in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {k + 1}/{args.num_samples}")
+        ids, printed = list(shown), tokenizer.decode(shown)
+        print(printed, end="", flush=True)
+        for next_id in model.generate_tokens(x, pixels, args.max_new_tokens, args.temperature, args.top_k,
+                                             args.top_p, eos_id, generator):
+            ids.append(int(next_id[0]))
+            text = tokenizer.decode(ids)
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+        print()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/debug", help="a training out_dir (ckpt.pt + tokenizer)")
@@ -134,11 +159,15 @@ def main(argv=None):
     p.add_argument("--eos_id", type=int, default=None, help="stop a sample at this token id")
     p.add_argument("--device", default="auto")
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
+    p.add_argument("--image", default="", help="a PNG for a llava.py run (--out_dir); '<image>' in the prompt "
+                   "places it, else it goes first")
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
                    help="store the blocks' linear layers quantized (quant.quantize_model)")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
+        if args.image:
+            return sample_image(args, device)
         model, tokenizer = load_model(args, device)
         if args.quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
             quant.quantize_model(model, args.quantize, compute_dtype=quant.compute_dtype(device))
