@@ -2,7 +2,6 @@
 Hugging Face Llava exchange, and one-line errors for bad images and prompts."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -136,8 +135,10 @@ def test_logits_match_transformers_llava(tok, tmp_path):
     ours = llava.LlavaModel.from_hf(str(tmp_path / "hf"))
     scene = llava.random_scene(np.random.default_rng(0))
     pix = llava.pixel_values(np.stack([llava.draw(scene), llava.draw(scene[:1])]))
-    ids = torch.tensor([llava.encode_prompt(tok, "what colour is the circle?", 1, 9),
-                        llava.encode_prompt(tok, "describe <image> the image.", 1, 9)])
+    rows = [llava.encode_prompt(tok, "what colour is the circle?", 1, 9),
+            llava.encode_prompt(tok, "describe <image> the image.", 1, 9)]  # the image first, then inside
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token] * (T - len(r)) for r in rows])
     with torch.no_grad():
         expected = theirs(input_ids=ids, pixel_values=pix).logits
         assert (ours(ids, pix)[0] - expected).abs().max().item() < 1e-4
@@ -161,34 +162,65 @@ def run_dir(tmp_path_factory, tok):
     return out
 
 
-def sample(run_dir, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir", str(run_dir),
-                           "--max_new_tokens", "5", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+def sample(run_dir, capsys, *args):
+    """python sample.py ... in-process: (exit code, stdout, stderr)."""
+    import sample as sample_py
+    try:
+        sample_py.main(["--out_dir", str(run_dir), "--max_new_tokens", "5", *map(str, args)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_sample_with_an_image_streams_an_answer(run_dir):
-    r = sample(run_dir, "--image", str(run_dir / "scene.png"), "--prompt", "What colour is the circle?")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("USER: what colour is the circle? ASSISTANT:")
+def test_sample_with_an_image_streams_an_answer(run_dir, capsys):
+    code, out, err = sample(run_dir, capsys, "--image", run_dir / "scene.png", "--prompt", "What colour is the circle?",
+                            "--temperature", "0")
+    assert code == 0, err
+    model, tok = llava.load(str(run_dir))
+    ids = torch.tensor([llava.encode_prompt(tok, "what colour is the circle?", 1, model.n_image_tokens)])
+    pix = llava.pixel_values(llava.read_image(str(run_dir / "scene.png")))[None]
+    greedy = [int(t[0]) for t in model.generate_tokens(ids, pix, 5, 0.0, eos_id=tok.eot_token)]
+    assert out == "USER: what colour is the circle? ASSISTANT: " + tok.decode(greedy) + "\n"
 
 
 @pytest.mark.parametrize("case", ["not_an_image", "too_many_tags", "unknown_word"])
-def test_bad_input_is_one_error_line(run_dir, case):
+def test_bad_input_is_one_error_line(run_dir, case, capsys):
     (run_dir / "notes.png").write_text("these are words, not pixels")
     image = run_dir / ("notes.png" if case == "not_an_image" else "scene.png")
     prompt = {"not_an_image": "what?", "too_many_tags": "<image> and <image>?", "unknown_word": "what is a dog?"}[case]
-    r = sample(run_dir, "--image", str(image), "--prompt", prompt)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    code, _, err = sample(run_dir, capsys, "--image", image, "--prompt", prompt)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ")
     assert {"not_an_image": "is not an image", "too_many_tags": "2 <image> tags but 1 image",
-            "unknown_word": "'dog'"}[case] in r.stderr
+            "unknown_word": "'dog'"}[case] in err
 
 
-def test_an_image_of_another_size_is_resized_with_a_note(run_dir, tmp_path):
+def test_an_image_of_another_size_is_resized_with_a_note(run_dir, tmp_path, capsys):
     original = llava.draw(llava.random_scene(np.random.default_rng(1)))
     big = np.kron(original, np.ones((2, 2, 1), np.uint8))  # each pixel as a 2 x 2 block
     llava.write_png(big, str(tmp_path / "big.png"))
     image = llava.read_image(str(tmp_path / "big.png"))
     assert image.shape == original.shape
     assert np.abs(image.astype(int) - original).mean() < 8  # antialiased bilinear: close, edges blurred
-    r = sample(run_dir, "--image", str(tmp_path / "big.png"), "--prompt", "what?")
-    assert r.returncode == 0 and "resized to the model's 30x30" in r.stderr
+    capsys.readouterr()
+    code, _, err = sample(run_dir, capsys, "--image", tmp_path / "big.png", "--prompt", "what?")
+    assert code == 0 and err == f"note: {tmp_path / 'big.png'} is 60x60, resized to the model's 30x30\n"
+
+
+# ----------------------------------------------------------------------------- the experiment's smoke run
+def test_experiment_quick_writes_its_json(tmp_path, monkeypatch):
+    import json
+    import runpy
+    monkeypatch.setenv("EXPERIMENTS_OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["llava.py", "--quick"])
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    sys.modules.pop("common", None)  # common.OUT is read from the environment when common is imported
+    runpy.run_path(os.path.join(ROOT, "experiments", "llava.py"), run_name="__main__")
+    results = json.loads((tmp_path / "llava_quick.json").read_text())
+    assert set(results["accuracy"]) == {"text only", "stage 1 only", "stage 2 only", "stage 1 + 2",
+                                        "stage 1 + 2, linear"}
+    for row in results["accuracy"].values():
+        assert set(row) == set(llava.KINDS) and all(len(v) == 1 and 0 <= v[0] <= 1 for v in row.values())
+    assert len(results["examples"]) == 8 and {e["kind"] for e in results["examples"]} <= set(llava.KINDS)
+    assert (tmp_path / "llava_quick.png").stat().st_size > 1000
