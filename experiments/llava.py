@@ -15,9 +15,9 @@ Writes experiments/out/llava.{json,png}.
 """
 
 import argparse
-import copy
 import json
 import os
+import textwrap
 import time
 
 from common import OUT, plt, write  # first: it puts the repository root before this folder on sys.path
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import llava  # noqa: E402
-from checkpoint import write_json  # noqa: E402
+from checkpoint import load_checkpoint, write_json  # noqa: E402
 
 VARIANTS = ("text only", "stage 1 only", "stage 2 only", "stage 1 + 2", "stage 1 + 2, linear")
 
@@ -38,56 +38,92 @@ def answer(model, tok, image, question):
     return tok.decode([int(t[0]) for t in out if int(t[0]) != tok.eot_token])
 
 
-def run_seed(tok, s, scenes, images, seed):
-    torch.manual_seed(seed)
-    s = llava.Settings(**{**s.__dict__, "seed": seed})
+def load_clip(path):
+    ckpt = load_checkpoint(path)
+    clip = llava.CLIP(llava.VisionConfig(**ckpt["model_config"]), len(ckpt["vocab"]))
+    clip.load_state_dict(ckpt["model"])
+    return clip.eval()
+
+
+def wait_for(path):
+    """A part run in another process may need the main part's checkpoint: wait for it."""
+    while not os.path.exists(path):
+        print(f"waiting for {path}")
+        time.sleep(30)
+    return llava.load(path)[0]
+
+
+def train_part(tok, s, folder, part):
+    """One seed is three parts that may run in parallel processes, each writing checkpoints to folder:
+    main = llava.pipeline (CLIP, the language-only decoder, stage 1 and 2 with the MLP projector);
+    linear = stage 1 and 2 with the linear projector; stage2_only = stage 2 from a fresh MLP projector.
+    A checkpoint already there is reused."""
+    stage1 = os.path.join(folder, "stage1.pt")
+    if part != "main":
+        scenes, images = llava.make_scenes(s.n_train, s.seed)  # the pipeline's training scenes
+    if part == "main" and not os.path.exists(os.path.join(folder, "ckpt.pt")):
+        llava.pipeline(folder, s, "mlp")
+    if part == "linear" and not os.path.exists(os.path.join(folder, "stage12_linear.pt")):
+        base = wait_for(stage1)
+        torch.manual_seed(s.seed + 1)
+        model = llava.new_llava(tok, s, "linear", base.vision, base.llm)  # the same CLIP and decoder
+        llava.train_stage(model, 1, tok, scenes, images, s)
+        llava.save(model, tok, os.path.join(folder, "stage1_linear.pt"))
+        llava.train_stage(model, 2, tok, scenes, images, s)
+        llava.save(model, tok, os.path.join(folder, "stage12_linear.pt"))
+    if part == "stage2_only" and not os.path.exists(os.path.join(folder, "stage2_only.pt")):
+        base = wait_for(stage1)
+        torch.manual_seed(s.seed + 2)
+        model = llava.new_llava(tok, s, "mlp", base.vision, base.llm)
+        llava.train_stage(model, 2, tok, scenes, images, s)
+        llava.save(model, tok, os.path.join(folder, "stage2_only.pt"))
+
+
+def evaluate_seed(tok, s, folder):
+    """Zero-shot accuracy of the CLIP and answer accuracy of every variant (cached in folder/results.json)."""
+    path = os.path.join(folder, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
     t0 = time.perf_counter()
-    clip, _ = llava.train_clip(tok, scenes, images, s)
-    zero_shot = llava.zero_shot_accuracy(clip, tok, n=max(s.n_eval, 20))
-    llm, _ = llava.train_text(tok, scenes, images, s)
-    rows = {"text only": llava.answer_accuracy(llava.TextOnly(llm), tok, s, with_image=False)}
-    models = {}
-    for projector in ("mlp", "linear"):
-        stage1 = llava.new_llava(tok, s, projector, clip.vision, llm)
-        llava.train_stage(stage1, 1, tok, scenes, images, s)
-        if projector == "mlp":
-            rows["stage 1 only"] = llava.answer_accuracy(stage1, tok, s)
-            fresh = llava.new_llava(tok, s, projector, clip.vision, llm)
-            llava.train_stage(fresh, 2, tok, scenes, images, s)
-            rows["stage 2 only"] = llava.answer_accuracy(fresh, tok, s)
-        both = copy.deepcopy(stage1)
-        llava.train_stage(both, 2, tok, scenes, images, s)
-        name = "stage 1 + 2" + ("" if projector == "mlp" else ", linear")
-        rows[name] = llava.answer_accuracy(both, tok, s)
-        models[name] = both
+    files = {"stage 1 only": "stage1.pt", "stage 2 only": "stage2_only.pt", "stage 1 + 2": "ckpt.pt",
+             "stage 1 + 2, linear": "stage12_linear.pt"}
+    models = {name: wait_for(os.path.join(folder, f)) for name, f in files.items()}
+    rows = {"text only": llava.answer_accuracy(llava.TextOnly(models["stage 1 only"].llm), tok, s, with_image=False)}
+    rows.update({name: llava.answer_accuracy(m, tok, s) for name, m in models.items()})
     for name in VARIANTS:
-        print(f"seed {seed} {name:20s}: " + ", ".join(f"{k} {v:.1%}" for k, v in rows[name].items()))
-    return {"seed": seed, "zero_shot": zero_shot, "accuracy": rows, "seconds": time.perf_counter() - t0}, \
-        models["stage 1 + 2"]
+        print(f"seed {s.seed} {name:20s}: " + ", ".join(f"{k} {v:.1%}" for k, v in rows[name].items()))
+    result = {"seed": s.seed, "zero_shot": llava.zero_shot_accuracy(load_clip(os.path.join(folder, "clip.pt")), tok,
+                                                                      n=max(s.n_eval, 20)),
+              "accuracy": rows, "pipeline_seconds": load_checkpoint(os.path.join(folder, "ckpt.pt"))["seconds"],
+              "eval_seconds": time.perf_counter() - t0}
+    write_json(result, path)
+    return result
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--seed", type=int, default=None, help="run this seed only (and cache it), no figure")
+    p.add_argument("--seed", type=int, default=None, help="this seed only (cached), no figure")
+    p.add_argument("--part", default="", choices=["", "main", "linear", "stage2_only"],
+                   help="with --seed: one part of a seed, to run the parts in parallel processes")
     args = p.parse_args()
     s = llava.Settings(**(llava.QUICK if args.quick else {}))
     tok = llava.WordTokenizer(llava.build_vocab())
-    scenes, images = llava.make_scenes(s.n_train, 0)
     runs = []
     cache = os.path.join(OUT, "llava_runs" + ("_quick" if args.quick else ""))
-    for seed in [args.seed] if args.seed is not None else range(1 if args.quick else args.seeds):
-        path = os.path.join(cache, f"seed{seed}")
-        if not os.path.exists(path + ".json"):  # a finished seed is reused (seeds may run in parallel processes)
-            result, model = run_seed(tok, s, scenes, images, seed)
-            llava.save(model, tok, path + ".pt")
-            write_json(result, path + ".json")
-        with open(path + ".json") as f:
-            runs.append(json.load(f))
-    if args.seed is not None:
+    seeds = [args.seed] if args.seed is not None else range(1 if args.quick else args.seeds)
+    for seed in seeds:
+        s = llava.Settings(**{**s.__dict__, "seed": seed})
+        folder = os.path.join(cache, f"seed{seed}")
+        for part in [args.part] if args.part else ("main", "linear", "stage2_only"):
+            train_part(tok, s, folder, part)
+        if not args.part:
+            runs.append(evaluate_seed(tok, s, folder))
+    if args.part or args.seed is not None:
         return
-    model, _ = llava.load(os.path.join(cache, "seed0.pt"))
+    model = llava.load(os.path.join(cache, "seed0", "ckpt.pt"))[0]
     summary = {name: {k: [r["accuracy"][name][k] for r in runs] for k in llava.KINDS} for name in VARIANTS}
     examples = []
     rng = np.random.default_rng(12345)  # held-out scenes (another seed than training's)
@@ -103,7 +139,7 @@ def main():
                "runs": runs, "examples": [{k: v for k, v in e.items() if k != "image"} for e in examples]}
 
     pyplot = plt()
-    fig = pyplot.figure(figsize=(13, 6.5))
+    fig = pyplot.figure(figsize=(13, 7.5))
     grid = fig.add_gridspec(2, 4)
     ax = fig.add_subplot(grid[:, :2])
     width = 0.8 / len(VARIANTS)
@@ -122,9 +158,10 @@ def main():
         axi = fig.add_subplot(grid[n // 2, 2 + n % 2])
         axi.imshow(e["image"], interpolation="nearest")
         axi.set_xticks([]), axi.set_yticks([])
-        lines = [f"Q: {x['question']}\nA: {x['answer']}\n(ref: {x['reference']})"
-                 for x in examples if x["scene"] == e["scene"]]
-        axi.set_title("\n".join(lines), fontsize=6.5, loc="left")
+        lines = [textwrap.fill(f"{tag} {x[key]}", 50, subsequent_indent="    ") for x in examples
+                 if x["scene"] == e["scene"] for tag, key in (("Q:", "question"), ("A:", "answer"),
+                                                               ("reference:", "reference"))]
+        axi.set_title("\n".join(lines), fontsize=6, loc="left")
     write("llava", args.quick, results, fig)
 
 
