@@ -138,6 +138,8 @@ def sample_image(args, device):
         print(printed, end="", flush=True)
         for next_id in model.generate_tokens(x, pixels, args.max_new_tokens, args.temperature, args.top_k,
                                              args.top_p, eos_id, generator):
+            if int(next_id[0]) == eos_id:
+                break
             ids.append(int(next_id[0]))
             text = tokenizer.decode(ids)
             print(text[len(printed):], end="", flush=True)

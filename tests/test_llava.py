@@ -119,7 +119,7 @@ def test_stage2_with_lora_folds_the_adapter_into_the_decoder(tok):
 
 # ----------------------------------------------------------------------------- Hugging Face
 def test_logits_match_transformers_llava(tok, tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the HF Llava parity oracle needs transformers")
+    pytest.importorskip("transformers", reason="the HF Llava parity oracle needs transformers")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
