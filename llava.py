@@ -568,7 +568,8 @@ def train_clip(tok, scenes, images, s):
     def loss_fn(it):
         idx = rng.choice(len(scenes), size=s.clip_batch, replace=False)
         ids, lengths = caption_batch(tok, [caption(scenes[i], rng) for i in idx])
-        return clip_loss(clip.encode_image(images[idx]), clip.encode_text(ids, lengths), clip.logit_scale.clamp(max=math.log(100)))
+        scale = clip.logit_scale.clamp(max=math.log(100))  # CLIP section 2.5: the temperature clipped at 100
+        return clip_loss(clip.encode_image(images[idx]), clip.encode_text(ids, lengths), scale)
 
     history = train_loop(clip.parameters(), loss_fn, s.clip_iters, s.lr / 2, "clip")
     return clip, history

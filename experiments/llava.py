@@ -139,8 +139,8 @@ def main():
                "runs": runs, "examples": [{k: v for k, v in e.items() if k != "image"} for e in examples]}
 
     pyplot = plt()
-    fig = pyplot.figure(figsize=(13, 7.5))
-    grid = fig.add_gridspec(2, 4)
+    fig = pyplot.figure(figsize=(14, 8.5))
+    grid = fig.add_gridspec(4, 5, width_ratios=[1, 1, 0.1, 0.55, 1.3])
     ax = fig.add_subplot(grid[:, :2])
     width = 0.8 / len(VARIANTS)
     for j, name in enumerate(VARIANTS):
@@ -149,19 +149,24 @@ def main():
             ax.bar(i + (j - 2) * width, np.mean(values), width, color=f"C{j}", label=name if i == 0 else None)
             ax.plot([i + (j - 2) * width] * len(values), values, "k.", ms=4)
     ax.set_xticks(range(3), llava.KINDS)
-    ax.set(ylabel="answers exactly right (held-out scenes)", ylim=(0, 1),
-           title=f"LLaVA in miniature: bars = mean, dots = {len(runs)} seed(s); CLIP zero-shot "
-                 f"{np.mean([z['colour and shape'] for z in results['zero_shot']]):.0%} (chance 5%)")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
+    zero = {k: np.mean([z[k] for z in results["zero_shot"]]) for k in ("colour and shape", "colour", "shape")}
+    ax.set(ylabel="answers exactly right (held-out scenes)", ylim=(0, 1))
+    ax.set_title(f"held-out answers: bars = mean, dots = {len(runs)} seed(s)\nCLIP zero-shot: colour and shape "
+                 f"{zero['colour and shape']:.0%} (chance 5%), colour {zero['colour']:.0%} (20%), shape "
+                 f"{zero['shape']:.0%} (25%)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
     for n, e in enumerate([e for e in examples if "image" in e]):
-        axi = fig.add_subplot(grid[n // 2, 2 + n % 2])
+        axi = fig.add_subplot(grid[n, 3])
         axi.imshow(e["image"], interpolation="nearest")
         axi.set_xticks([]), axi.set_yticks([])
-        lines = [textwrap.fill(f"{tag} {x[key]}", 50, subsequent_indent="    ") for x in examples
+        axt = fig.add_subplot(grid[n, 4])
+        axt.axis("off")
+        lines = [textwrap.fill(f"{tag} {x[key]}", 58, subsequent_indent="    ") for x in examples
                  if x["scene"] == e["scene"] for tag, key in (("Q:", "question"), ("A:", "answer"),
                                                                ("reference:", "reference"))]
-        axi.set_title("\n".join(lines), fontsize=6, loc="left")
+        axt.text(0, 1, "\n".join(lines), fontsize=7, va="top", family="monospace")
+    fig.suptitle("LLaVA in miniature (stage 1 + 2, MLP projector, seed 0, on held-out scenes at the right)",
+                 fontsize=10)
     write("llava", args.quick, results, fig)
 
 

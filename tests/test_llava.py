@@ -182,6 +182,7 @@ def test_sample_with_an_image_streams_an_answer(run_dir, capsys):
     ids = torch.tensor([llava.encode_prompt(tok, "what colour is the circle?", 1, model.n_image_tokens)])
     pix = llava.pixel_values(llava.read_image(str(run_dir / "scene.png")))[None]
     greedy = [int(t[0]) for t in model.generate_tokens(ids, pix, 5, 0.0, eos_id=tok.eot_token)]
+    greedy = greedy[:greedy.index(tok.eot_token)] if tok.eot_token in greedy else greedy  # </s> ends, unprinted
     assert out == "USER: what colour is the circle? ASSISTANT: " + tok.decode(greedy) + "\n"
 
 
