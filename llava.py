@@ -19,6 +19,11 @@ Papers (summaries in PAPERS.md):
         --projector--> (9, n_embd) -- put where the 9 <image> tokens stand in input_ids
     "USER: <image> x9  what colour is the circle ? ASSISTANT: red . </s>"  -> decoder
 
+Deviations, for size: CLIP's text tower is our decoder (RoPE, RMSNorm, SwiGLU) read at the caption's
+</s> rather than CLIP's GPT-2-style one; the language model is pretrained here on the
+conversations' text alone (a Vicuna stand-in); the words come from a word-level vocabulary
+of the scene grammar.
+
     python llava.py --out_dir out/llava                 # the whole pipeline, minutes on a CPU
     python llava.py --out_dir out/llava --peft lora     # stage 2 with LoRA on the decoder
     python sample.py --out_dir out/llava --image scene.png --prompt "What colour is the circle?"
@@ -516,8 +521,8 @@ class Settings:
     seed: int = 0
 
 
-QUICK = dict(n_train=64, n_eval=16, batch_size=8, clip_batch=16, clip_iters=3, text_iters=3, stage1_iters=3, stage2_iters=3,
-             n_layer=1, n_embd=32)
+QUICK = dict(n_train=64, n_eval=16, batch_size=8, clip_batch=16, clip_iters=3, text_iters=3, stage1_iters=3,
+             stage2_iters=3, n_layer=1, n_embd=32)
 
 
 def train_loop(params, loss_fn, iters, lr, label, log_every=100):

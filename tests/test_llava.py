@@ -71,7 +71,8 @@ def test_image_features_land_on_the_image_tokens_in_order(tok, seed):
 
 
 def test_encode_conversation_puts_the_image_first_or_after_the_question_and_masks_the_user(tok):
-    turns = [("what colour is the circle?", "red.", "conversation"), ("how many shapes are there?", "two.", "conversation")]
+    turns = [("what colour is the circle?", "red.", "conversation"),
+             ("how many shapes are there?", "two.", "conversation")]
     for first in (True, False):
         ids, targets, _ = llava.encode_conversation(tok, turns, 9, image_first=first)
         image_at = ids.index(tok.image_token)
