@@ -319,3 +319,115 @@ def load_lora(model, path):
     return model
 
 
+
+
+# ----------------------------------------------------------------------------- Llava (llava.py)
+# transformers' LlavaForConditionalGeneration as save_pretrained writes it: vision_tower.* (a CLIP
+# vision transformer), multi_modal_projector.linear_1/linear_2, language_model.* (a Llama,
+# named through HF_NAMES). Our vision tower's module names -> CLIP's in transformers:
+CLIP_VISION_NAMES = {
+    "patch_embedding": "embeddings.patch_embedding", "class_embedding": "embeddings.class_embedding",
+    "position_embedding": "embeddings.position_embedding.weight", "ln_pre": "pre_layrnorm",
+    "ln_post": "post_layernorm", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "out_proj": "self_attn.out_proj",
+}
+# other spellings of the same tensors -> save_pretrained's (transformers 5 in memory; llava-hf checkpoints)
+LLAVA_ALIASES = [(r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
+                 (r"^model\.vision_tower\.", "vision_tower."), (r"^vision_tower\.vision_model\.", "vision_tower."),
+                 (r"^model\.multi_modal_projector\.", "multi_modal_projector.")]
+
+
+def llava_hf_name(name):
+    """'vision.layers.0.q_proj.weight' -> 'vision_tower.encoder.layers.0.self_attn.q_proj.weight';
+    'llm.layers.0.attention.wq.weight' -> 'language_model.model.layers.0.self_attn.q_proj.weight'."""
+    part, _, rest = name.partition(".")
+    if part == "llm":
+        return "language_model." + hf_module_name(rest)
+    if part == "projector":
+        return "multi_modal_projector." + rest
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)(\.weight|\.bias)?", rest)
+    if m:
+        return f"vision_tower.encoder.layers.{m[1]}.{CLIP_VISION_NAMES[m[2]]}{m[3] or ''}"
+    module, _, param = rest.partition(".")
+    hf = CLIP_VISION_NAMES[module]
+    return f"vision_tower.{hf}" + ("" if hf.endswith(".weight") or not param else f".{param}")
+
+
+def llava_config_from_hf(hf):
+    """A LlavaConfig (config.json of LlavaForConditionalGeneration) -> the fields of
+    llava.LlavaConfig, as plain data (llava.py builds the model: this file never imports it)."""
+    if hf.get("model_type") != "llava":
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'llava' (LlavaForConditionalGeneration)")
+    v, layer = hf["vision_config"], hf.get("vision_feature_layer", -2)
+    problems = []
+    if v.get("model_type", "clip_vision_model") != "clip_vision_model":
+        problems.append(f"vision tower {v.get('model_type')!r} (only CLIP's)")
+    if v.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        problems.append(f"vision hidden_act {v['hidden_act']!r}")
+    if hf.get("projector_hidden_act", "gelu") != "gelu" or not hf.get("multimodal_projector_bias", True):
+        problems.append("a projector other than linear_1 -> GELU -> linear_2 with biases")
+    if not isinstance(layer, int):
+        problems.append(f"vision_feature_layer={layer} (one layer only)")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        problems.append(f"vision_feature_select_strategy={strategy!r}")
+    if problems:
+        raise ValueError("unsupported Llava variant: " + "; ".join(problems))
+    vision = dict(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                  n_layer=v["num_hidden_layers"], n_head=v["num_attention_heads"], mlp_width=v["intermediate_size"],
+                  norm_eps=v.get("layer_norm_eps", 1e-5), act=v.get("hidden_act", "quick_gelu"))
+    text = {"model_type": "llama", **hf["text_config"]}
+    return dict(vision=vision, llm=config_from_hf(text).to_dict(), projector="mlp", feature_layer=layer,
+                drop_class_token=strategy == "default",
+                image_token_id=hf.get("image_token_index", hf.get("image_token_id")))
+
+
+def load_llava(path, build):
+    """A transformers LlavaForConditionalGeneration directory -> the model that
+    build(config fields) makes (llava.LlavaModel.from_hf passes its constructor), in fp32."""
+    fields = llava_config_from_hf(read_json(os.path.join(path, "config.json"), "Llava config"))
+    theirs = {}
+    for name, t in load_hf_state_dict(path).items():
+        for pattern, repl in LLAVA_ALIASES:
+            name = re.sub(pattern, repl, name)
+        theirs[name] = t
+    model = build(fields)
+    ours = {}
+    for name in model.state_dict():
+        if name == "llm.output.weight" and model.llm.config.tie_embeddings:
+            continue
+        key = llava_hf_name(name)
+        if key not in theirs:
+            raise ValueError(f"{path}: tensor {key!r} is missing from the checkpoint")
+        ours[name] = theirs.pop(key).float()
+    theirs.pop("language_model.lm_head.weight", None)
+    if theirs:
+        raise ValueError(f"{path}: unexpected tensors not in a Llava model: {sorted(theirs)[:5]}")
+    model.load_state_dict(ours, strict=not model.llm.config.tie_embeddings)
+    return model.eval()
+
+
+def save_llava(model, path):
+    """config.json + model.safetensors that transformers' LlavaForConditionalGeneration loads."""
+    c, v = model.config, model.vision.config
+    if c.projector != "mlp":
+        raise ValueError("transformers' Llava has LLaVA-1.5's two-layer MLP projector only; a linear-projector "
+                         "model (LLaVA's W) cannot be exported: train it with --projector mlp")
+    text = {k: val for k, val in config_to_hf(model.llm.config).items() if k != "architectures"}
+    hf_config = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": c.image_token_id, "image_seq_length": model.n_image_tokens,
+        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+        "vision_feature_layer": c.feature_layer,
+        "vision_feature_select_strategy": "default" if c.drop_class_token else "full",
+        "tie_word_embeddings": model.llm.config.tie_embeddings, "text_config": text,
+        "vision_config": {"model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+                          "hidden_size": v.width, "num_hidden_layers": v.n_layer, "num_attention_heads": v.n_head,
+                          "intermediate_size": v.mlp_width, "layer_norm_eps": v.norm_eps, "hidden_act": v.act,
+                          "num_channels": 3},
+    }
+    tensors = {llava_hf_name(n): t for n, t in model.state_dict().items()
+               if not (n == "llm.output.weight" and model.llm.config.tie_embeddings)}
+    save_tensors(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    write_json(hf_config, os.path.join(path, "config.json"))

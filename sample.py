@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import hf
+import llava
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
@@ -179,6 +180,32 @@ def chat(model, tokenizer, args, generator, read=input, out=sys.stdout):
         out.write("\n")
 
 
+def sample_image(args, device):
+    """--image: a llava.py run answers about the picture (the image's features stand in for <image>)."""
+    model, tokenizer = llava.load(args.out_dir, device)
+    image = llava.read_image(args.image, model.vision.config.image_size)
+    prompt_ids = llava.encode_prompt(tokenizer, read_prompt(args.prompt), 1, model.n_image_tokens)
+    x = torch.tensor([prompt_ids], device=device)
+    pixels = llava.pixel_values(image)[None].to(device)  # (1, 3, H, W)
+    shown = [i for i in prompt_ids if i != tokenizer.image_token]  # the text, without the visual tokens
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos_id = tokenizer.eot_token if args.eos_id is None else args.eos_id
+    for k in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {k + 1}/{args.num_samples}")
+        ids, printed = list(shown), tokenizer.decode(shown)
+        print(printed, end="", flush=True)
+        for next_id in model.generate_tokens(x, pixels, args.max_new_tokens, args.temperature, args.top_k,
+                                             args.top_p, eos_id, generator):
+            if int(next_id[0]) == eos_id:
+                break
+            ids.append(int(next_id[0]))
+            text = tokenizer.decode(ids)
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+        print()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/debug", help="a training out_dir (ckpt.pt + tokenizer)")
@@ -193,6 +220,8 @@ def main(argv=None):
     p.add_argument("--eos_id", type=int, default=None, help="stop a sample at this token id")
     p.add_argument("--device", default="auto")
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
+    p.add_argument("--image", default="", help="a PNG for a llava.py run (--out_dir); '<image>' in the prompt "
+                   "places it, else it goes first")
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
                    help="store the blocks' linear layers quantized (quant.quantize_model)")
     p.add_argument("--chat", action="store_true", help="a multi-turn conversation (align.py's chat template)")
@@ -205,6 +234,8 @@ def main(argv=None):
                              f"{args.max_new_tokens}")
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         device = resolve_device(args.device)
+        if args.image:
+            return sample_image(args, device)
         model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
         if device.type == "cpu":
             store_column_major(model)
