@@ -731,7 +731,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    s = Settings(**(QUICK if args.quick else {}), seed=args.seed)
+    quick = args.quick or bool(os.environ.get("NANO_QUICK"))  # (the documentation test)
+    s = Settings(**(QUICK if quick else {}), seed=args.seed)
     try:
         pipeline(args.out_dir, s, args.projector, args.peft == "lora")
     except (ValueError, OSError) as e:
