@@ -7,7 +7,8 @@
 
 Sections: speculative (acceptance rate and speed-up for k = 2..8, a draft model and
 prompt lookup, vs plain greedy and transformers' greedy), batched (tokens/s at batch 1, 8,
-32, ours vs transformers' left-padded batched generate), quant (int8 / NF4 tokens/s vs
+32, ours vs transformers' left-padded batched generate), train (one AdamW step: ours eager,
+torch.compile'd and transformers' eager on the same weights; fused AdamW vs foreach), quant (int8 / NF4 tokens/s vs
 fp32: dequantized every call, as training does, and cached for decoding; plus one
 matrix-vector product through torch._weight_int8pack_mm and a torch.compile'd
 dequantize-matmul). As in bench.py: contenders alternate in one process, medians.
@@ -177,9 +178,52 @@ def bench_quant(model, new_tokens, rounds, shape):
     return rows
 
 
+# ----------------------------------------------------------------------------- training step
+def bench_train_step(presets, batch, rounds):
+    """One AdamW step (bench.train_step): ours eager, ours torch.compile'd, transformers eager,
+    on the same weights; and AdamW's step alone, fused (train.make_optimizer's choice on a
+    CPU) vs foreach vs the per-parameter loop."""
+    from bench import train_step
+    from train import TrainConfig, make_optimizer
+    rows = []
+    for preset in presets:
+        torch.manual_seed(0)
+        ours = Transformer(ModelConfig.from_name(preset))
+        theirs = hf_twin(ours)
+        compiled_model = copy.deepcopy(ours)
+        compiled = torch.compile(compiled_model)
+        opts = {who: make_optimizer(m, TrainConfig(), torch.device("cpu")) for who, m in
+                (("ours", ours), ("theirs", theirs), ("compiled", compiled_model))}
+        T = ours.config.block_size
+        x, y = (torch.randint(ours.config.vocab_size, (batch, T)) for _ in range(2))
+        t = alternate({"ours eager": lambda: train_step(ours, opts["ours"], x, y, False),
+                       "ours torch.compile": lambda: train_step(compiled, opts["compiled"], x, y, False),
+                       "transformers eager": lambda: train_step(theirs, opts["theirs"], x, y, True)}, rounds)
+        for p in ours.parameters():
+            p.grad = torch.randn_like(p)
+        steps = {}
+        for kind in ("fused", "foreach", "for-loop"):
+            flags = dict(fused=kind == "fused", foreach=kind == "foreach")
+            steps[f"AdamW {kind}"] = (lambda o=torch.optim.AdamW(ours.parameters(), lr=1e-4, **flags): o.step())
+        t_opt = alternate(steps, rounds)
+        row = {"preset": preset, "batch": batch, "seq": T, "ms": {k: 1000 * v for k, v in t.items()},
+               "optimizer_ms": {k: 1000 * v for k, v in t_opt.items()},
+               "eager_vs_transformers": t["transformers eager"] / t["ours eager"],
+               "compile_vs_transformers": t["transformers eager"] / t["ours torch.compile"],
+               "compile_vs_eager": t["ours eager"] / t["ours torch.compile"],
+               "fused_adamw_in_make_optimizer": bool(opts["ours"].defaults.get("fused"))}
+        rows.append(row)
+        print(f"training step | {preset} {batch}x{T} | " + ", ".join(f"{k} {v:.0f} ms" for k, v in row["ms"].items()))
+        print(f"  ours eager / transformers x{row['eager_vs_transformers']:.2f}, compiled / transformers "
+              f"x{row['compile_vs_transformers']:.2f}, compiled / eager x{row['compile_vs_eager']:.2f}; optimizer "
+              "step alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["optimizer_ms"].items()))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="speculative,batched,quant", help="comma-separated sections")
+    p.add_argument("--only", default="speculative,batched,quant", help="comma-separated sections: speculative, "
+                   "batched, quant, train")
     p.add_argument("--target", default="", help="a trained target run (out_dir); default: random demo")
     p.add_argument("--draft", default="", help="a trained draft run (out_dir); default: random demo_draft")
     p.add_argument("--dataset", default="data/pydoc_bpe", help="prompts from its val.bin (random tokens if absent)")
@@ -188,13 +232,16 @@ def main(argv=None):
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--train_presets", default="debug,demo", help="presets of the train section")
+    p.add_argument("--train_batch", type=int, default=8)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="out/bench_decode.json")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
-    if sections - {"speculative", "batched", "quant"}:
-        print(f"error: unknown section(s) {sorted(sections - {'speculative', 'batched', 'quant'})}; choose from "
-              f"speculative, batched, quant", file=sys.stderr)
+    known = {"speculative", "batched", "quant", "train"}
+    if sections - known:
+        print(f"error: unknown section(s) {sorted(sections - known)}; choose from {', '.join(sorted(known))}",
+              file=sys.stderr)
         sys.exit(1)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,6 +268,9 @@ def main(argv=None):
     if "quant" in sections:
         c = target.config
         report["quant"] = bench_quant(target, 8 if args.quick else 32, rounds, (c.intermediate_size, c.n_embd))
+    if "train" in sections:
+        report["train"] = bench_train_step(["debug"] if args.quick else args.train_presets.split(","),
+                                           4 if args.quick else args.train_batch, rounds)
     write_json(report, args.out)
     print(f"wrote {args.out}")
 
