@@ -66,7 +66,7 @@ def hf_greedy(hf, idx, mask, new_tokens):
 
 # ----------------------------------------------------------------------------- speculative decoding
 @torch.inference_mode()
-def bench_speculative(target, draft, prompts, new_tokens, ks, rounds):
+def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=None):
     """Greedy decoding of each prompt: plain, transformers, and speculative with k drafts."""
     theirs = hf_twin(target).eval()
     rows = {"acceptance": {}, "identical": {}}
@@ -77,8 +77,8 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds):
                                                             dtype=torch.long), new_tokens) for p in prompts]}
     hf_out = contenders["transformers greedy"]()
     rows["identical"]["transformers"] = all(torch.equal(a, b) for a, b in zip(plain, hf_out))
-    for name, drafter in (("draft", draft), ("prompt lookup", "prompt")):
-        for k in ks:
+    for name, drafter, kinds in (("draft", draft, ks), ("prompt lookup", "prompt", lookup_ks or ks)):
+        for k in kinds:
             label = f"{name} k={k}"
             stats, same = {"drafted": 0, "accepted": 0}, True
             for p, ref in zip(prompts, plain):
@@ -229,6 +229,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="data/pydoc_bpe", help="prompts from its val.bin (random tokens if absent)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--ks", default="2,3,4,5,6,7,8")
+    p.add_argument("--lookup_ks", default="", help="k values for prompt lookup (default: --ks)")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -260,14 +261,15 @@ def main(argv=None):
         decode.check_draft(target, draft, 1)
         prompts = prompts_from_data(args.dataset if not args.quick else "", 2 if args.quick else 4, [32], V)
         report["speculative"] = bench_speculative(store_column_major(target), store_column_major(draft), prompts,
-                                                  new, ks, rounds)
+                                                  new, ks, rounds,
+                                                  [int(k) for k in args.lookup_ks.split(",")] if args.lookup_ks else None)
     if "batched" in sections:
         batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
         pool = prompts_from_data(args.dataset if not args.quick else "", max(batches), [8, 13, 21, 32, 17, 27], V)
         report["batched"] = bench_batched(store_column_major(target), pool, new, batches, rounds)
     if "quant" in sections:
         c = target.config
-        report["quant"] = bench_quant(target, 8 if args.quick else 32, rounds, (c.intermediate_size, c.n_embd))
+        report["quant"] = bench_quant(target, 8 if args.quick else min(new, 32), rounds, (c.intermediate_size, c.n_embd))
     if "train" in sections:
         report["train"] = bench_train_step(["debug"] if args.quick else args.train_presets.split(","),
                                            4 if args.quick else args.train_batch, rounds)
