@@ -260,16 +260,17 @@ def main(argv=None):
         report["draft"] = draft_name
         decode.check_draft(target, draft, 1)
         prompts = prompts_from_data(args.dataset if not args.quick else "", 2 if args.quick else 4, [32], V)
+        lookup_ks = [int(k) for k in args.lookup_ks.split(",")] if args.lookup_ks else None
         report["speculative"] = bench_speculative(store_column_major(target), store_column_major(draft), prompts,
-                                                  new, ks, rounds,
-                                                  [int(k) for k in args.lookup_ks.split(",")] if args.lookup_ks else None)
+                                                  new, ks, rounds, lookup_ks)
     if "batched" in sections:
         batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
         pool = prompts_from_data(args.dataset if not args.quick else "", max(batches), [8, 13, 21, 32, 17, 27], V)
         report["batched"] = bench_batched(store_column_major(target), pool, new, batches, rounds)
     if "quant" in sections:
         c = target.config
-        report["quant"] = bench_quant(target, 8 if args.quick else min(new, 32), rounds, (c.intermediate_size, c.n_embd))
+        shape = (c.intermediate_size, c.n_embd)
+        report["quant"] = bench_quant(target, 8 if args.quick else min(new, 32), rounds, shape)
     if "train" in sections:
         report["train"] = bench_train_step(["debug"] if args.quick else args.train_presets.split(","),
                                            4 if args.quick else args.train_batch, rounds)

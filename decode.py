@@ -190,7 +190,8 @@ def speculative_generate(model, idx, max_new_tokens, draft="prompt", num_specula
         k = min(num_speculative, max_new_tokens - (len(tokens) - T) - 1)  # the last token needs no draft
         if draft_caches is None:
             drafts = prompt_lookup(tokens, k, max_ngram)
-            q = F.one_hot(torch.tensor(drafts, dtype=torch.long), p_width(model, n_vocab)).float()  # (k, V)
+            V = n_vocab or model.config.vocab_size
+            q = F.one_hot(torch.tensor(drafts, dtype=torch.long), V).float()  # (k, V): a certain draft
         else:
             drafts, q = draft_with_model(draft, draft_caches, tokens, k, temperature, top_k, top_p, generator,
                                          n_vocab) if k else ([], None)
@@ -219,10 +220,6 @@ def speculative_generate(model, idx, max_new_tokens, draft="prompt", num_specula
             tokens = tokens[:len(tokens) - len(new) + new.index(eos_id) + 1]
             break
     return torch.tensor([tokens[:T + max_new_tokens]], device=idx.device)
-
-
-def p_width(model, n_vocab):
-    return model.config.vocab_size if n_vocab is None else n_vocab
 
 
 # ----------------------------------------------------------------------------- batched generation
