@@ -114,6 +114,9 @@ PRESETS = {
     "demo": dict(vocab_size=4096, block_size=256, n_layer=6, n_embd=384, n_head=6, n_kv_head=2),
     # A few hundred thousand parameters: trains in seconds, for tests and smoke runs.
     "debug": dict(vocab_size=128, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2),
+    # A draft model for speculative decoding with `demo` (decode.py): the same BPE vocabulary and
+    # context, 2 narrow layers, ~1.5M parameters (~8x fewer weight bytes to read per token).
+    "demo_draft": dict(vocab_size=4096, block_size=256, n_layer=2, n_embd=128, n_head=2, n_kv_head=1),
 }
 
 
@@ -317,8 +320,13 @@ class Transformer(nn.Module):
                 logits, _ = self(window, caches=caches)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
-                 n_vocab=None):
-        """(B, T) prompt -> (B, T + new) tokens. temperature=0 is greedy decoding."""
+                 n_vocab=None, draft_model=None, num_speculative=4):
+        """(B, T) prompt -> (B, T + new) tokens. temperature=0 is greedy decoding. draft_model (a
+        Transformer, or "prompt" for prompt lookup): speculative decoding, k = num_speculative."""
+        if draft_model is not None:  # speculative decoding (decode.py)
+            import decode
+            return decode.speculative_generate(self, idx, max_new_tokens, draft_model, num_speculative, temperature,
+                                               top_k, top_p, eos_id, generator, n_vocab)
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, n_vocab))
         return torch.cat([idx[:, -self.config.block_size:]] + [t[:, None] for t in new], dim=1)
 

@@ -222,6 +222,8 @@ class NF4Linear(nn.Module):
     module has no parameters: a LoRA adapter around it is what trains.
     """
 
+    cache_dequantized = False  # cache_dequantized(model) turns on the decoding path
+
     def __init__(self, in_features, out_features, blocksize=64, double_quant=True, compute_dtype=torch.float32,
                  device=None):
         super().__init__()
@@ -260,6 +262,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.nf4_tensor(), self.compute_dtype)
 
     def forward(self, x):  # (..., in_features) -> (..., out_features)
+        if self.cache_dequantized and not torch.is_grad_enabled():  # decoding (cache_dequantized)
+            return F.linear(x.to(self.compute_dtype), dequantized_for_inference(self))
         return DequantizedMatmul.apply(x.to(self.compute_dtype), self)
 
     def with_weight(self, weight):
@@ -285,6 +289,8 @@ class Int8Linear(nn.Module):
     vector-wise). With quantize_activations, each token's activations are absmax-quantized
     to int8 too (W8A8) and the matmul runs on integer values; otherwise W8A16/32."""
 
+    cache_dequantized = False  # cache_dequantized(model) turns on the decoding path
+
     def __init__(self, in_features, out_features, quantize_activations=False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -306,6 +312,8 @@ class Int8Linear(nn.Module):
         return absmax_dequantize(self.weight_int8.float(), self.weight_absmax)
 
     def forward(self, x):  # (..., in_features) -> (..., out_features)
+        if not self.quantize_activations and self.cache_dequantized and not torch.is_grad_enabled():
+            return F.linear(x, dequantized_for_inference(self).to(x.dtype))  # decoding (cache_dequantized)
         if not self.quantize_activations:
             return DequantizedMatmul.apply(x, self)
         x_q, x_gamma = absmax_quantize(x.float(), bits=8, dim=-1)  # (..., in), (..., 1)
@@ -318,6 +326,41 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, int8, quantize_activations={self.quantize_activations}"
+
+
+# ----------------------------------------------------------------------------- decoding
+def dequantized_for_inference(layer):
+    """The layer's dequantized weight, computed once and kept (for inference only).
+
+    Decoding one token is a matrix-vector product: the whole weight is read for a few
+    FLOPs per parameter, so dequantizing it on every call costs more than the product
+    itself (bench_decode.py measures int8 ~2-5x and NF4 ~30-50x slower than fp32 at
+    batch 1 on a CPU). Kept dequantized, a quantized model decodes at the fp32 model's
+    speed, with the fp32 weights' memory on top of the quantized storage: the trade is
+    memory for speed, at inference. Stored column-major on a CPU, as
+    sample.store_column_major does for nn.Linear. Rebuilt when a buffer is replaced or
+    written in place (load_state_dict): the key is each buffer's address and version.
+    """
+    key = tuple((b.data_ptr(), b._version if not b.is_inference() else -1) for b in layer.buffers())
+    if getattr(layer, "_inference_key", None) != key:
+        with torch.no_grad():
+            w = layer.dequantize()  # (out, in)
+            layer._inference_weight = w.t().contiguous().t() if w.device.type == "cpu" else w
+        layer._inference_key = key
+    return layer._inference_weight
+
+
+def cache_dequantized(model, enabled=True):
+    """Turn the decoding path of every NF4Linear / Int8Linear in `model` on (or off): under
+    torch.no_grad / inference_mode they multiply by a cached dequantized weight
+    (dequantized_for_inference). With gradients on (QLoRA training) nothing changes: the
+    weight is dequantized per call and again in backward (DequantizedMatmul). Returns model."""
+    for m in model.modules():
+        if isinstance(m, (NF4Linear, Int8Linear)):
+            m.cache_dequantized = enabled
+            if not enabled:
+                m._inference_weight = m._inference_key = None
+    return model
 
 
 # ----------------------------------------------------------------------------- BitLinear

@@ -1,0 +1,347 @@
+r"""Decoding past the bandwidth bound: speculative decoding, prompt-lookup drafting and
+batched generation with left padding.
+
+Batch-1 decoding reads every weight once per token: memory bandwidth, not arithmetic,
+sets its speed. Two ways past that bound, both exact:
+
+  - Check several tokens per weight read. Speculative decoding (Leviathan et al. 2023,
+    arXiv:2211.17192, section 2.3 / algorithm 1; Chen et al. 2023, arXiv:2302.01318,
+    algorithm 2): a cheap drafter proposes k tokens, the target model scores all of them
+    in ONE forward pass (k + 1 positions through the KV cache), and a modified rejection
+    sampling keeps a prefix of them such that the output is distributed exactly as the
+    target's own samples (Leviathan appendix A.1; Chen theorem 1). Greedy: the output is
+    token for token plain greedy decoding. The drafter is a small model trained on the
+    same tokenizer, or prompt lookup: copy the tokens that followed the last n-gram the
+    last time it appeared in the context (Saxena 2023, github.com/apoorvumang/
+    prompt-lookup-decoding; the idea of Yang et al. 2023, "Inference with Reference",
+    arXiv:2304.04487).
+
+        context ... x          drafter: d1 d2 d3 d4            (k = 4 cheap steps)
+        target, one pass over [x d1 d2 d3 d4]  ->  p1 p2 p3 p4 p5
+        accept d1 d2, reject d3  ->  emit d1 d2 + a token drawn from norm(max(0, p3 - q3))
+        both KV caches roll back to the accepted tokens (cache.length = accepted)
+
+  - Decode many sequences per weight read: batched generation. Prompts of different
+    lengths are padded on the left so their last tokens line up; a padding-aware mask
+    hides the pads, and each row gets its own positions (RoPE angle 0 at its first real
+    token), so every row computes what it would alone.
+
+        row 0:  _  _  a  b  c  | next      positions  0 0 0 1 2 | 3
+        row 1:  d  e  f  g  h  | next      positions  0 1 2 3 4 | 5
+"""
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from attention import causal_mask
+from model import check_sampling_args
+
+
+# ----------------------------------------------------------------------------- the sampling distribution
+def token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (N, V) -> the distribution model.sample_next draws from, (N, V) fp32.
+
+    Same order of warps (temperature, top-k, top-p); temperature 0 (greedy) is the one-hot
+    of the argmax. Speculative sampling needs the probabilities themselves, not a sample.
+    """
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return F.softmax(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------- verification
+def verify(p, q, drafts, generator=None):
+    """The modified rejection sampling of speculative decoding, for N independent rows.
+
+    p: (N, k + 1, V) the target's distributions at the k drafted positions and one more;
+    q: (N, k, V) the drafter's distributions the drafts were drawn from; drafts: (N, k).
+    Draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) (Leviathan section
+    2.3), left to right until the first rejection; at a rejection the token is drawn from
+    norm(max(0, p_i - q_i)) (their eq. in section 2.3), and when all k are accepted from
+    p_{k+1}. Then each emitted token is distributed as p (Leviathan appendix A.1).
+    Returns (n_accepted (N,), next_token (N,)): emit drafts[:n] then next_token.
+    """
+    N, k = drafts.shape
+    p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # (N, k) target prob of each draft
+    q_d = q.gather(-1, drafts[..., None])[..., 0]  # (N, k)
+    u = torch.rand(N, k, generator=generator, device=p.device)
+    accepted = u * q_d < p_d  # u < p/q without dividing by a zero q (a draft has q > 0)
+    n = accepted.long().cumprod(dim=1).sum(dim=1)  # (N,) accepted prefix length
+    rows = torch.arange(N, device=p.device)
+    residual = p[rows, n]  # (N, V): p_{k+1} where everything was accepted
+    rejected = n < k
+    if rejected.any():
+        q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # (N, k + 1, V)
+        diff = (p[rows, n] - q_pad[rows, n]).clamp(min=0)  # max(0, p - q)
+        # p == q at a rejection leaves nothing (probability 0); fall back to p then
+        diff = torch.where(diff.sum(-1, keepdim=True) > 0, diff, p[rows, n])
+        residual = torch.where(rejected[:, None], diff, residual)
+    next_token = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+    return n, next_token
+
+
+def verify_greedy(p_argmax, drafts):
+    """Greedy verification: accept while the target's argmax agrees with the draft, then
+    emit the target's argmax (its correction, or the bonus token after k accepted)."""
+    k = len(drafts)
+    n = 0
+    while n < k and drafts[n] == p_argmax[n]:
+        n += 1
+    return n, p_argmax[n]
+
+
+# ----------------------------------------------------------------------------- drafters
+def prompt_lookup(tokens, k, max_ngram=3):
+    """Up to k draft tokens by prompt lookup: the longest n-gram (n <= max_ngram) that ends
+    the context and occurred before, continued by what followed its latest earlier
+    occurrence. No match: no drafts (the step is then a plain decoding step)."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):  # latest earlier occurrence first
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def draft_with_model(draft, caches, tokens, k, temperature, top_k, top_p, generator, n_vocab):
+    """k tokens from the draft model, one cheap step each. Its cache first catches up with
+    the tokens it has not read (the previous round's corrected / bonus token).
+    Returns (drafts: list of k ints, q: (k, V) the distributions they were drawn from)."""
+    drafts, qs = [], []
+    new = tokens[caches[0].length:]  # >= 1 token
+    for _ in range(k):
+        x = torch.tensor([new], device=caches[0].k.device)
+        logits, _ = draft(x, caches=caches, start_pos=caches[0].length)
+        q = token_probs(logits[0, -1:, :n_vocab], temperature, top_k, top_p)  # (1, V)
+        d = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+        drafts.append(d)
+        qs.append(q)
+        new = [d]
+    return drafts, torch.cat(qs) if qs else None
+
+
+def rollback(caches, length):
+    """Forget the cached positions >= length (rejected drafts): KVCache writes at .length,
+    so moving it back is the whole rollback; the stale keys are overwritten later."""
+    for cache in caches:
+        cache.length = min(cache.length, length)
+
+
+def check_draft(model, draft, num_speculative, model_tokenizer=None, draft_tokenizer=None):
+    """One clear ValueError for a drafter that cannot work with this model."""
+    if int(num_speculative) != num_speculative or num_speculative < 1:
+        raise ValueError(f"num_speculative (k, the tokens drafted per step) must be an integer >= 1, "
+                         f"got {num_speculative}")
+    if isinstance(draft, str):
+        if draft != "prompt":
+            raise ValueError(f"draft must be a Transformer or 'prompt' (prompt lookup), got {draft!r}")
+        return
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
+                         f"model's ({model.config.vocab_size}); train the draft on the same tokenizer")
+    if model_tokenizer is not None and draft_tokenizer is not None:
+        ids = range(model_tokenizer.n_vocab)
+        if (model_tokenizer.n_vocab != draft_tokenizer.n_vocab
+                or any(model_tokenizer.decode([i]) != draft_tokenizer.decode([i]) for i in ids)):
+            raise ValueError("the draft model was trained with another tokenizer than the model (their token "
+                             "tables differ); train the draft on the same dataset/tokenizer")
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+@torch.inference_mode()
+def speculative_generate(model, idx, max_new_tokens, draft="prompt", num_speculative=4, temperature=1.0,
+                         top_k=None, top_p=None, eos_id=None, generator=None, n_vocab=None, max_ngram=3,
+                         stats=None):
+    """(1, T) prompt -> (1, T + new) tokens, drafting with `draft` (a Transformer with the
+    same vocabulary, or "prompt" for prompt lookup), num_speculative = k tokens per step.
+
+    temperature 0: identical to model.generate's greedy output; otherwise distributed as
+    model.generate's samples. `stats` (a dict) receives drafted / accepted / target_calls.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    check_draft(model, draft, num_speculative)
+    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
+        raise ValueError(f"speculative decoding takes one prompt, a (1, T) tensor with T >= 1; got shape "
+                         f"{tuple(idx.shape)} (batch several prompts with batched_generate)")
+    T = idx.shape[1]
+    blocks = [model.config.block_size] + ([] if isinstance(draft, str) else [draft.config.block_size])
+    if T + max_new_tokens > min(blocks):
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the context "
+                         f"block_size={min(blocks)}; shorten the prompt or ask for fewer tokens")
+    tokens = idx[0].tolist()
+    caches = model.new_kv_caches(1)
+    draft_caches = None if isinstance(draft, str) else draft.new_kv_caches(1)
+    stats = {} if stats is None else stats
+    stats.update(drafted=0, accepted=0, target_calls=0)
+    while len(tokens) - T < max_new_tokens:
+        k = min(num_speculative, max_new_tokens - (len(tokens) - T) - 1)  # the last token needs no draft
+        if draft_caches is None:
+            drafts = prompt_lookup(tokens, k, max_ngram)
+            V = n_vocab or model.config.vocab_size
+            q = F.one_hot(torch.tensor(drafts, dtype=torch.long), V).float()  # (k, V): a certain draft
+        else:
+            drafts, q = draft_with_model(draft, draft_caches, tokens, k, temperature, top_k, top_p, generator,
+                                         n_vocab) if k else ([], None)
+        # the target reads the tokens it has not seen (one, usually) and the drafts, in one pass
+        start = caches[0].length
+        x = torch.tensor([tokens[start:] + drafts], device=idx.device)
+        logits, _ = model(x, caches=caches, start_pos=start)
+        logits = logits[0, -(len(drafts) + 1):, :n_vocab]  # (k + 1, V): p_1 .. p_{k+1}
+        if temperature == 0:
+            n, nxt = verify_greedy(logits.argmax(-1).tolist(), drafts)
+        elif drafts:
+            p = token_probs(logits, temperature, top_k, top_p)
+            n, nxt = (int(t[0]) for t in verify(p[None], q[None].to(p.device), torch.tensor([drafts]), generator))
+        else:
+            nxt = int(torch.multinomial(token_probs(logits, temperature, top_k, top_p), 1, generator=generator))
+            n = 0
+        new = drafts[:n] + [int(nxt)]
+        stats["drafted"] += len(drafts)
+        stats["accepted"] += n
+        stats["target_calls"] += 1
+        tokens += new
+        rollback(caches, len(tokens) - 1)  # the newest token is fed next round
+        if draft_caches is not None:
+            rollback(draft_caches, len(tokens) - 1)
+        if eos_id is not None and eos_id in new:
+            tokens = tokens[:len(tokens) - len(new) + new.index(eos_id) + 1]
+            break
+    return torch.tensor([tokens[:T + max_new_tokens]], device=idx.device)
+
+
+# ----------------------------------------------------------------------------- batched generation
+def left_pad(prompts, pad_id, device=None):
+    """Lists of token ids -> idx (B, L) padded on the left, real (B, L) bool, pos (B, L):
+    each row's positions count from its first real token (pads get 0)."""
+    L = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
+    real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
+    pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    return idx, real, pos
+
+
+def padding_mask(key_real, T):
+    """(B, 1, T, S) boolean mask: query t reads key s when s is causal (s <= t + S - T) and
+    a real token; a pad query also reads itself, so no row of the softmax is empty (an
+    all-masked row would be NaN, and pads' NaN values would leak through 0 * NaN)."""
+    S = key_real.shape[1]
+    causal = causal_mask(T, S, key_real.device)  # (T, S)
+    itself = F.pad(torch.eye(T, dtype=torch.bool, device=key_real.device), (S - T, 0))  # (T, S)
+    return ((causal & key_real[:, None, :]) | itself)[:, None]  # (B, 1, T, S)
+
+
+def forward_rows(model, idx, pos, key_real, caches):
+    """The model's forward with per-row positions and a padding mask (the same layers,
+    norm and head as Transformer.forward). idx, pos: (B, T); key_real: (B, S), S =
+    cached + T. Returns logits (B, T, V)."""
+    x = model.tok_embeddings(idx)  # (B, T, C)
+    cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # (B, 1, T, hd): one angle per row
+    mask = padding_mask(key_real, idx.shape[1])
+    for layer, cache in zip(model.layers, caches):
+        x = layer(x, cos, sin, cache, mask)
+    return model.output(model.norm(x))
+
+
+@torch.inference_mode()
+def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                     pad_id=0, generator=None, n_vocab=None):
+    """Prompts of different lengths (lists of token ids) decoded together, left-padded.
+
+    Returns one list per prompt: the prompt, then its new tokens up to and including its
+    first eos_id (a finished row keeps decoding pads that nobody reads until every row is
+    done). Greedy rows equal model.generate on each prompt alone (tests/test_decode.py).
+    """
+    from model import sample_next
+    check_sampling_args(temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers):
+        raise ValueError("batched_generate does not support prefix-tuned models; use model.generate per prompt")
+    longest, block = max(len(p) for p in prompts), model.config.block_size
+    if longest + max_new_tokens > block:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"context block_size={block}; shorten the prompts or ask for fewer tokens")
+    device = model.tok_embeddings.weight.device
+    idx, key_real, pos = left_pad(prompts, pad_id, device)
+    if idx.min() < 0 or idx.max() >= model.config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
+    B = idx.shape[0]
+    caches = model.new_kv_caches(B)
+    logits = forward_rows(model, idx, pos, key_real, caches)  # prefill, (B, L, V)
+    out = [list(p) for p in prompts]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = pos[:, -1:]  # (B, 1) each row's last position
+    for step in range(max_new_tokens):
+        next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
+        for b in (~done).nonzero()[:, 0].tolist():
+            out[b].append(int(next_id[b]))
+        if eos_id is not None:
+            done |= next_id == eos_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        next_id = next_id.masked_fill(done, pad_id)
+        key_real = torch.cat([key_real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        pos = pos + 1
+        logits = forward_rows(model, next_id[:, None], pos, key_real, caches)  # (B, 1, V)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    from runs import load_run
+    p = argparse.ArgumentParser(description="Speculative (or prompt-lookup) decoding and batched generation "
+                                "from a train.py run.")
+    p.add_argument("--out_dir", default="out/demo", help="the target model's training out_dir")
+    p.add_argument("--draft", default="", help="a draft model's out_dir, or 'prompt' for prompt lookup; empty: "
+                   "no speculation (batched generation of the --prompt's)")
+    p.add_argument("--num_speculative", "-k", type=int, default=4, help="tokens drafted per target pass")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    try:
+        if args.draft:
+            check_draft(None, "prompt", args.num_speculative)  # k before loading anything
+        model, tokenizer, _ = load_run(args.out_dir)
+        model.eval()
+        prompts = [tokenizer.encode(text) for text in (args.prompt or ["\n"])]
+        generator = torch.Generator().manual_seed(args.seed)
+        if not args.draft:
+            for ids in batched_generate(model, prompts, args.max_new_tokens, args.temperature,
+                                        eos_id=tokenizer.eot_token, generator=generator, n_vocab=tokenizer.n_vocab):
+                print(tokenizer.decode(ids), "\n---")
+            return
+        draft = "prompt"
+        if args.draft != "prompt":
+            draft, draft_tokenizer, _ = load_run(args.draft)
+            check_draft(model, draft, args.num_speculative, tokenizer, draft_tokenizer)
+            draft.eval()
+        for ids in prompts:
+            stats = {}
+            out = speculative_generate(model, torch.tensor([ids]), args.max_new_tokens, draft, args.num_speculative,
+                                       args.temperature, eos_id=tokenizer.eot_token, generator=generator,
+                                       n_vocab=tokenizer.n_vocab, stats=stats)
+            print(tokenizer.decode(out[0].tolist()))
+            print(f"--- accepted {stats['accepted']}/{stats['drafted']} drafts, {stats['target_calls']} target passes "
+                  f"for {out.shape[1] - len(ids)} tokens")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
