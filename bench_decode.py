@@ -17,7 +17,6 @@ dequantize-matmul). As in bench.py: contenders alternate in one process, medians
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 
@@ -27,10 +26,11 @@ import torch.nn.functional as F
 
 import decode
 import quant
-from bench import alternate, hf_twin
+from bench import alternate, hf_twin, train_step
 from checkpoint import write_json
 from model import ModelConfig, Transformer
 from sample import store_column_major
+from train import TrainConfig, make_optimizer
 
 
 def load_or_random(out_dir, preset, quick):
@@ -183,8 +183,6 @@ def bench_train_step(presets, batch, rounds):
     """One AdamW step (bench.train_step): ours eager, ours torch.compile'd, transformers eager,
     on the same weights; and AdamW's step alone, fused (train.make_optimizer's choice on a
     CPU) vs foreach vs the per-parameter loop."""
-    from bench import train_step
-    from train import TrainConfig, make_optimizer
     rows = []
     for preset in presets:
         torch.manual_seed(0)

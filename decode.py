@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from attention import causal_mask
-from model import check_sampling_args
+from model import check_sampling_args, sample_next
+from runs import load_run
 
 
 # ----------------------------------------------------------------------------- the sampling distribution
@@ -255,6 +256,16 @@ def forward_rows(model, idx, pos, key_real, caches):
     return model.output(model.norm(x))
 
 
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
+             n_vocab=None, draft_model=None, num_speculative=4):
+    """model.generate, with speculative decoding when draft_model is given (a Transformer on
+    the same tokenizer, or "prompt" for prompt lookup), k = num_speculative drafted tokens."""
+    if draft_model is None:
+        return model.generate(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, n_vocab)
+    return speculative_generate(model, idx, max_new_tokens, draft_model, num_speculative, temperature, top_k, top_p,
+                                eos_id, generator, n_vocab)
+
+
 @torch.inference_mode()
 def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                      pad_id=0, generator=None, n_vocab=None):
@@ -264,7 +275,6 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
     first eos_id (a finished row keeps decoding pads that nobody reads until every row is
     done). Greedy rows equal model.generate on each prompt alone (tests/test_decode.py).
     """
-    from model import sample_next
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
@@ -301,7 +311,6 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    from runs import load_run
     p = argparse.ArgumentParser(description="Speculative (or prompt-lookup) decoding and batched generation "
                                 "from a train.py run.")
     p.add_argument("--out_dir", default="out/demo", help="the target model's training out_dir")

@@ -320,13 +320,9 @@ class Transformer(nn.Module):
                 logits, _ = self(window, caches=caches)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
-                 n_vocab=None, draft_model=None, num_speculative=4):
-        """(B, T) prompt -> (B, T + new) tokens. temperature=0 is greedy decoding. draft_model (a
-        Transformer, or "prompt" for prompt lookup): speculative decoding, k = num_speculative."""
-        if draft_model is not None:  # speculative decoding (decode.py)
-            import decode
-            return decode.speculative_generate(self, idx, max_new_tokens, draft_model, num_speculative, temperature,
-                                               top_k, top_p, eos_id, generator, n_vocab)
+                 n_vocab=None):
+        """(B, T) prompt -> (B, T + new) tokens. temperature=0 is greedy decoding. (decode.py
+        adds speculative decoding and batched prompts of different lengths.)"""
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, n_vocab))
         return torch.cat([idx[:, -self.config.block_size:]] + [t[:, None] for t in new], dim=1)
 

@@ -58,7 +58,7 @@ def test_speculative_greedy_equals_greedy_random_models(k):
         idx = torch.randint(97, (1, 3 + 5 * seed), generator=torch.Generator().manual_seed(seed))
         plain = target.generate(idx, 25, temperature=0)
         stats = {}
-        with_draft = target.generate(idx, 25, temperature=0, draft_model=draft, num_speculative=k)
+        with_draft = decode.generate(target, idx, 25, temperature=0, draft_model=draft, num_speculative=k)
         lookup = decode.speculative_generate(target, idx, 25, "prompt", k, temperature=0, stats=stats)
         assert torch.equal(with_draft, plain)
         assert torch.equal(lookup, plain)
@@ -236,7 +236,7 @@ def test_quantized_training_path_still_recomputes():
 def test_bad_inputs_one_clear_error():
     model = sharp_model(0)
     with pytest.raises(ValueError, match="draft model's vocabulary \\(50 tokens\\) differs"):
-        model.generate(torch.tensor([[1]]), 4, draft_model=Transformer(tiny_config(vocab_size=50)))
+        decode.generate(model, torch.tensor([[1]]), 4, draft_model=Transformer(tiny_config(vocab_size=50)))
     for k in (0, -1, 1.5):
         with pytest.raises(ValueError, match="num_speculative .* must be an integer >= 1"):
             decode.speculative_generate(model, torch.tensor([[1]]), 4, "prompt", k)

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT
 
 DOCS = ["README.md", "EXERCISES.md"]
-SLOW = ("experiments/", "bench.py", "out/al")
+SLOW = ("experiments/", "bench.py", "bench_decode.py", "out/al")
 
 
 def commands(doc):
