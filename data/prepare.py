@@ -188,13 +188,14 @@ def prepare(corpus="pydoc", tokenizer="bpe", vocab_size=4096, out=None, val_frac
 
 # ----------------------------------------------------------------------------- corpora of any size
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+STRUCTURED = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # one document per line / row; anything else is text
 
 
 def list_files(corpus):
     """A file, a directory (recursively) or a glob -> the sorted corpus files in it."""
     if os.path.isfile(corpus):
-        files = [corpus]
-    elif os.path.isdir(corpus):
+        return [corpus]  # named explicitly: read it whatever its suffix (.md, .rst, .py, ... are text)
+    if os.path.isdir(corpus):
         files = sorted(os.path.join(root, f) for root, _, names in os.walk(corpus) for f in names)
     else:
         files = sorted(glob.glob(corpus, recursive=True))
@@ -235,7 +236,7 @@ def read_pieces(path, text_field="text", piece_chars=1 << 23):
                 yield text or "", True, True
         return
     with open_text(path) as f:
-        if path.endswith(".txt"):
+        if not path.endswith(STRUCTURED):
             lines, n, first = [], 0, True
             for line in f:
                 lines.append(line)
@@ -502,7 +503,7 @@ def prepare_shards(corpus, tokenizer="bpe", out=None, vocab_size=32000, text_fie
 
 def use_shards(corpus, tokenizer):
     """The streaming path for anything but the small built-in corpora / one .txt with our tokenizers."""
-    small = corpus in ("pydoc", "shakespeare") or (corpus.endswith(".txt") and os.path.isfile(corpus))
+    small = corpus in ("pydoc", "shakespeare") or (os.path.isfile(corpus) and not corpus.endswith(STRUCTURED))
     return not (small and tokenizer in ("char", "bpe", "gpt2"))
 
 

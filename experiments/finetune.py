@@ -177,8 +177,11 @@ def memory_table():
     est = plan.estimate_memory(config, batch_size=1, seq_len=256, lora_r=64, weight_bytes=2, base_bytes=2)
     parts = {"full fine-tuning (16-bit)": est["full"], "LoRA r=64 all (16-bit base)": est["lora"],
              "QLoRA r=64 all (NF4+DQ base)": est["qlora"]}
-    return {name: {k: v for k, v in p.items() if k != "activations"} | {"total": p["total"] - p["activations"]}
-            for name, p in parts.items()}
+    def row(p):  # the plot's parts: the frozen (or full) base, adapters, gradients, AdamW; activations left out
+        full = "base" not in p
+        return {"base": p["weights"] if full else p["base"], "adapters": 0 if full else p["weights"],
+                "gradients": p["gradients"], "optimizer": p["optimizer"], "total": p["total"] - p["activations"]}
+    return {name: row(p) for name, p in parts.items()}
 
 
 def plot(rows, base_val, memory, path):

@@ -41,7 +41,7 @@ import evaluate  # noqa: E402
 from checkpoint import atomic_write  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, count_params  # noqa: E402
 from train import load_checkpoint  # noqa: E402
 
 SYMBOLS = "#@!%&*+=~^"
@@ -283,7 +283,7 @@ def main():
         out_dir = os.path.join(root, name)
         history, seconds = run(out_dir, {**s, **size}, "--dataset", dataset, "--learning_rate", "3e-3")
         model, tok = load_math(out_dir)
-        row = {**size, "params": model.num_params(), "train_seconds": seconds,
+        row = {**size, "params": count_params(model.config), "train_seconds": seconds,
                "val_loss": history["val_loss"][-1] if history.get("val_loss") else None}
         row["curves"] = curves(model, tok, sets, s)
         row["templates"] = {t: [accuracy(model, tok, sets[(task, t)], k_templates, seed, "")

@@ -408,7 +408,7 @@ def test_open_dataset_refuses_a_damaged_or_mismatched_dataset(two_datasets, tmp_
     ids = np.fromfile(os.path.join(bad, "train_00000.bin"), dtype=np.uint16)
     ids[5] = 4000
     ids.tofile(os.path.join(bad, "train_00000.bin"))
-    with pytest.raises(ValueError, match="train_00000.bin holds token id 4,000 but the model's vocab_size is 300"):
+    with pytest.raises(ValueError, match="train_00000.bin holds token id 4,000 but the vocabulary has 300 ids"):
         open_dataset(bad, vocab_size=300)
     bad = copy_dataset(two_datasets[0], tmp_path / "unfinished")
     os.remove(os.path.join(bad, "meta.json"))
@@ -423,7 +423,7 @@ def test_open_dataset_reads_the_small_layout(tmp_path):
     out = prepare(str(corpus), "char", out=str(tmp_path / "ds"), verbose=False)
     ds = open_dataset(out, vocab_size=17)  # 17 distinct characters
     assert ds.tokens("train") + ds.tokens("val") == 200 * 21
-    with pytest.raises(ValueError, match="holds token id 16 but the model's vocab_size is 10"):
+    with pytest.raises(ValueError, match="holds token id 16 but the vocabulary has 10 ids"):
         open_dataset(out, vocab_size=10)
 
 

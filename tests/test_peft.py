@@ -364,7 +364,8 @@ def base_run(char_dataset, tmp_path_factory):
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_train_peft_checkpoint_and_exact_resume(method, base_run, char_dataset, tmp_path):
     from checkpoint import load_checkpoint
-    args = ["--init_from", base_run, "--peft", method, "--lora_r", "2", "--prefix_len", "3", "--prefix_hidden", "16",
+    args = ["--init_from", base_run, "--peft", method, "--lora_r", "2", "--lora_targets", "all",
+            "--prefix_len", "3", "--prefix_hidden", "16",
             "--eval_interval", "3", "--warmup_iters", "0", "--learning_rate", "1e-2", "--lr_decay_iters", "6"]
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     run_train(args + ["--out_dir", straight, "--max_iters", "6"], char_dataset)
