@@ -172,14 +172,11 @@ def prepare(corpus="pydoc", tokenizer="bpe", vocab_size=4096, out=None, val_frac
     meta["dtype"] = np.dtype(dtype).name
     ids = np.array(ids, dtype=dtype)
     n_val = max(int(len(ids) * val_fraction), 1)
+    from checkpoint import atomic_write, write_json  # (imports torch: the tokenizing workers never need it)
     for split, part in (("train", ids[:-n_val]), ("val", ids[-n_val:])):
-        path = os.path.join(out, f"{split}.bin")
-        part.tofile(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(out, f"{split}.bin"), lambda f: f.write(part.tobytes()))
         meta[f"{split}_tokens"] = int(len(part))
-    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+    write_json(meta, os.path.join(out, "meta.json"))  # last: a dataset with a meta.json is complete
     if verbose:
         print(f"{out}: {tokenizer} tokenizer, vocab {tok.n_vocab}, {len(text):,} characters -> "
               f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens")

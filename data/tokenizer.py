@@ -144,12 +144,10 @@ def bpe_encoding(ranks, name="bpe"):
 
 
 def save_bpe(ranks, path):
-    """tiktoken's file format: `base64(token bytes) id` per line, in id order."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-    os.replace(tmp, path)
+    """tiktoken's file format: `base64(token bytes) id` per line, in id order, written atomically."""
+    from checkpoint import atomic_write  # (imports torch: the tokenizing workers never need it)
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    atomic_write(path, lambda f: f.writelines(lines), text=True)
 
 
 def load_bpe(path):
