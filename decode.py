@@ -37,30 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from attention import causal_mask
-from model import check_sampling_args, sample_next
+from model import check_sampling_args, sample_next, token_probs
 from runs import load_run
-
-
-# ----------------------------------------------------------------------------- the sampling distribution
-def token_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (N, V) -> the distribution model.sample_next draws from, (N, V) fp32.
-
-    Same order of warps (temperature, top-k, top-p); temperature 0 (greedy) is the one-hot
-    of the argmax. Speculative sampling needs the probabilities themselves, not a sample.
-    """
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return F.softmax(logits, dim=-1)
 
 
 # ----------------------------------------------------------------------------- verification

@@ -337,13 +337,23 @@ def check_sampling_args(temperature, top_k, top_p):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, vocab) of the last position -> next token ids (B,).
+    """logits (B, vocab) of the last position -> next token ids (B,), drawn from token_probs."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab) -> the distribution sampling draws from, (B, vocab) fp32.
 
     In order, as Hugging Face applies them: temperature, top-k (keep the k most likely),
     top-p (keep the smallest set of most likely tokens whose probability reaches p).
+    Temperature 0 (greedy) is the one-hot of the argmax (speculative decoding needs the
+    probabilities themselves, decode.py).
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if not torch.isfinite(logits).all():
         raise ValueError(f"temperature {temperature} is so small that logits / temperature overflow; "
@@ -357,8 +367,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # keeps >= 1 token
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return F.softmax(logits, dim=-1)
 
 
 # ----------------------------------------------------------------------------- parameters and FLOPs
