@@ -964,47 +964,6 @@ def run_grpo(cfg):
     return run.fit(step, lambda it: evaluate_policy(run))
 
 
-# ----------------------------------------------------------------------------- measurements
-@torch.no_grad()
-def gold_win_rate(policy_dir, reference_dir, n_prompts=64, samples=2, seed=0, heldout="last,min",
-                  max_new_tokens=16):
-    """Gold win rate of one run's samples over another's on the same prompts (ties count half)."""
-    cfg = AlignConfig(init_from=policy_dir, seed=seed, heldout=heldout, max_new_tokens=max_new_tokens)
-    a = Run(cfg, "eval")
-    b = load_policy(reference_dir, a.device)[0]
-    r, _ = a.step_rngs(-4)
-    tasks = a.tasks(r, n_prompts)
-    _, ga = a.step_rngs(-5)
-    _, gb = a.step_rngs(-5)
-    ta = a.rollouts(a.model, tasks, samples, ga)[2]
-    tb = a.rollouts(b, tasks, samples, gb)[2]
-    task_of = [t for t in tasks for _ in range(samples)]
-    wins = [float(gold_score(t, x) > gold_score(t, y)) + 0.5 * float(gold_score(t, x) == gold_score(t, y))
-            for t, x, y in zip(task_of, ta, tb)]
-    return mean(wins)
-
-
-def bench_ppo(init_from, reward_model, out_dir, peft_mode="", iters=2, **overrides):
-    """Rollout tokens/s, seconds per PPO step and the memory the models' state needs, with and
-    without the shared base. Memory is counted from the tensors (weights, a reference copy,
-    gradients and AdamW's two moments), and on CUDA also measured (max_memory_allocated)."""
-    cfg = AlignConfig(init_from=init_from, reward_model=reward_model, out_dir=out_dir, peft=peft_mode,
-                      iters=iters, eval_every=10**9, **overrides)
-    cuda = resolve_device(cfg.device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    history = run_ppo(cfg)
-    run_model, _, ckpt = load_run(out_dir, cfg.device)
-    n_all = sum(p.numel() for p in run_model.parameters())
-    n_train = sum(v.numel() for v in ckpt["model"].values()) + sum(v.numel() for v in ckpt["heads"].values())
-    state_bytes = 4 * n_all + (0 if peft_mode else 4 * n_all) + 4 * 3 * n_train  # + the reference copy
-    steps = history["train"]
-    return {"peft": peft_mode or "full", "rollout_tok_s": mean(s["rollout_tok_s"] for s in steps),
-            "s_per_step": mean(s["seconds"] for s in steps), "params": n_all, "trainable": n_train,
-            "state_bytes": state_bytes,
-            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None}
-
-
 # ----------------------------------------------------------------------------- pipeline and CLI
 # The pipeline's settings per stage (full size; --quick keeps QUICK's). Measured: with
 # PPO at learning rate 3e-4 and beta 0.05 the policy over-optimized the RM within 10 iterations.

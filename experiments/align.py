@@ -44,6 +44,48 @@ def curve(out_dir, key):
     return [s[key] for s in align.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["history"]["train"]]
 
 
+
+# ----------------------------------------------------------------------------- measurements
+@torch.no_grad()
+def gold_win_rate(policy_dir, reference_dir, n_prompts=64, samples=2, seed=0, heldout="last,min",
+                  max_new_tokens=16):
+    """Gold win rate of one run's samples over another's on the same prompts (ties count half)."""
+    cfg = align.AlignConfig(init_from=policy_dir, seed=seed, heldout=heldout, max_new_tokens=max_new_tokens)
+    a = align.Run(cfg, "eval")
+    b = align.load_policy(reference_dir, a.device)[0]
+    r, _ = a.step_rngs(-4)
+    tasks = a.tasks(r, n_prompts)
+    _, ga = a.step_rngs(-5)
+    _, gb = a.step_rngs(-5)
+    ta = a.rollouts(a.model, tasks, samples, ga)[2]
+    tb = a.rollouts(b, tasks, samples, gb)[2]
+    task_of = [t for t in tasks for _ in range(samples)]
+    wins = [float(align.gold_score(t, x) > align.gold_score(t, y)) + 0.5 * float(align.gold_score(t, x) == align.gold_score(t, y))
+            for t, x, y in zip(task_of, ta, tb)]
+    return align.mean(wins)
+
+
+def bench_ppo(init_from, reward_model, out_dir, peft_mode="", iters=2, **overrides):
+    """Rollout tokens/s, seconds per PPO step and the memory the models' state needs, with and
+    without the shared base. Memory is counted from the tensors (weights, a reference copy,
+    gradients and AdamW's two moments), and on CUDA also measured (max_memory_allocated)."""
+    cfg = align.AlignConfig(init_from=init_from, reward_model=reward_model, out_dir=out_dir, peft=peft_mode,
+                      iters=iters, eval_every=10**9, **overrides)
+    cuda = align.resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    history = align.run_ppo(cfg)
+    run_model, _, ckpt = align.load_run(out_dir, cfg.device)
+    n_all = sum(p.numel() for p in run_model.parameters())
+    n_train = sum(v.numel() for v in ckpt["model"].values()) + sum(v.numel() for v in ckpt["heads"].values())
+    state_bytes = 4 * n_all + (0 if peft_mode else 4 * n_all) + 4 * 3 * n_train  # + the reference copy
+    steps = history["train"]
+    return {"peft": peft_mode or "full", "rollout_tok_s": align.mean(s["rollout_tok_s"] for s in steps),
+            "s_per_step": align.mean(s["seconds"] for s in steps), "params": n_all, "trainable": n_train,
+            "state_bytes": state_bytes,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
@@ -71,7 +113,7 @@ def main():
     rm = align.load_checkpoint(os.path.join(d["rm"], "ckpt.pt"))["history"]["eval"]
     results["rm"] = {"heldout_pair_acc_before": rm[0]["val_acc"], "heldout_pair_acc": rm[-1]["val_acc"]}
     n_prompts, seeds = (4, 1) if args.quick else (96, args.seeds)
-    results["win_rate"] = {f"{k}_vs_sft": [align.gold_win_rate(d[k], d["sft"], n_prompts, seed=s,
+    results["win_rate"] = {f"{k}_vs_sft": [gold_win_rate(d[k], d["sft"], n_prompts, seed=s,
                                                                max_new_tokens=cfg.max_new_tokens)
                                            for s in range(seeds)]
                            for k in ("ppo", "dpo", "grpo", "ppo_ptx", "ppo_beta0")}
@@ -86,7 +128,7 @@ def main():
     results["alignment_tax"] = {name: align.pretrain_val_loss(align.load_policy(d[run], "cpu")[0], dataset)
                                 for name, run in (("base", "base"), ("sft", "sft"), ("gamma_0", "ppo"),
                                                   ("gamma_1", "ppo_ptx"))}
-    results["bench"] = [align.bench_ppo(d["sft"], d["rm"], os.path.join(root, f"bench_{m or 'full'}"), m,
+    results["bench"] = [bench_ppo(d["sft"], d["rm"], os.path.join(root, f"bench_{m or 'full'}"), m,
                                         iters=1 if args.quick else 2, **{k: v for k, v in asdict(cfg).items()
                                                     if k in ("prompts_per_step", "samples_per_prompt", "ppo_epochs",
                                                              "minibatches", "max_new_tokens")})
