@@ -89,18 +89,18 @@ def test_a_checkpoint_never_samples_with_another_runs_tokenizer(trained, tmp_pat
 # ----------------------------------------------------------------------------- 2. one run per out_dir
 def test_two_runs_into_one_out_dir_exactly_one_proceeds(char_dataset, tmp_path):
     out = str(tmp_path / "shared")
-    first = subprocess.Popen(train_cmd(char_dataset, out, "--max_iters", "400", "--eval_interval", "400"),
+    first = subprocess.Popen(train_cmd(char_dataset, out, "--max_iters", "100000", "--eval_interval", "100000"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     for line in first.stdout:  # the lock is taken before the header is printed
         if line.startswith("model "):
             break
     second = subprocess.run(train_cmd(char_dataset, out, "--max_iters", "2"), capture_output=True, text=True,
                             timeout=120, env=ONE_THREAD)
+    first.send_signal(signal.SIGTERM)  # the first run ends only now: a final checkpoint, exit 143
+    first.communicate(timeout=120)
     assert second.returncode == 1 and "is in use by process" in second.stderr, second.stderr
-    first.stdout.read()
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert load_checkpoint(out)["iter_num"] == 400  # the first run's result, whole
-    after = subprocess.run(train_cmd(char_dataset, out, "--max_iters", "402", "--resume"), capture_output=True,
+    assert first.returncode == 143 and load_checkpoint(out)["train_config"]["max_iters"] == 100000
+    after = subprocess.run(train_cmd(char_dataset, out, "--max_iters", "2", "--resume"), capture_output=True,
                            text=True, timeout=120, env=ONE_THREAD)
     assert after.returncode == 0, after.stderr  # the lock was released at exit
 
