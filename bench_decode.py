@@ -77,21 +77,22 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
                                                             dtype=torch.long), new_tokens) for p in prompts]}
     hf_out = contenders["transformers greedy"]()
     rows["identical"]["transformers"] = all(torch.equal(a, b) for a, b in zip(plain, hf_out))
-    for name, drafter, kinds in (("draft", draft, ks), ("prompt lookup", "prompt", lookup_ks or ks)):
+    for name, drafter, kinds, first in (("draft", draft, ks, False), ("prompt lookup", "prompt", lookup_ks or ks, False),
+                                        ("lookup, else draft", draft, lookup_ks or ks, True)):
         for k in kinds:
             label = f"{name} k={k}"
             stats, same = {"drafted": 0, "accepted": 0}, True
             for p, ref in zip(prompts, plain):
                 s = {}
                 out = decode.speculative_generate(target, torch.tensor([p]), new_tokens, drafter, k, temperature=0,
-                                                  stats=s)
+                                                  stats=s, lookup_first=first)
                 same &= torch.equal(out, ref)
                 stats["drafted"] += s["drafted"]
                 stats["accepted"] += s["accepted"]
             rows["identical"][label] = same
             rows["acceptance"][label] = stats["accepted"] / max(stats["drafted"], 1)
-            contenders[label] = (lambda d=drafter, k=k: [decode.speculative_generate(
-                target, torch.tensor([p]), new_tokens, d, k, temperature=0) for p in prompts])
+            contenders[label] = (lambda d=drafter, k=k, first=first: [decode.speculative_generate(
+                target, torch.tensor([p]), new_tokens, d, k, temperature=0, lookup_first=first) for p in prompts])
     t = alternate(contenders, rounds)
     n = new_tokens * len(prompts)
     rows["tok_s"] = {who: n / sec for who, sec in t.items()}

@@ -143,12 +143,16 @@ def check_draft(model, draft, num_speculative, model_tokenizer=None, draft_token
 @torch.inference_mode()
 def speculative_generate(model, idx, max_new_tokens, draft="prompt", num_speculative=4, temperature=1.0,
                          top_k=None, top_p=None, eos_id=None, generator=None, n_vocab=None, max_ngram=3,
-                         stats=None):
+                         stats=None, lookup_first=False):
     """(1, T) prompt -> (1, T + new) tokens, drafting with `draft` (a Transformer with the
     same vocabulary, or "prompt" for prompt lookup), num_speculative = k tokens per step.
+    lookup_first (with a draft model): draft by prompt lookup where the context has a
+    match, which costs nothing, and with the draft model only where it has none.
 
     temperature 0: identical to model.generate's greedy output; otherwise distributed as
-    model.generate's samples. `stats` (a dict) receives drafted / accepted / target_calls.
+    model.generate's samples (each round's drafter is chosen from the context alone, and
+    its q is the distribution the drafts came from). `stats` (a dict) receives drafted /
+    accepted / target_calls, and looked_up: the drafts that came from prompt lookup.
     """
     check_sampling_args(temperature, top_k, top_p)
     check_draft(model, draft, num_speculative)
@@ -164,13 +168,14 @@ def speculative_generate(model, idx, max_new_tokens, draft="prompt", num_specula
     caches = model.new_kv_caches(1)
     draft_caches = None if isinstance(draft, str) else draft.new_kv_caches(1)
     stats = {} if stats is None else stats
-    stats.update(drafted=0, accepted=0, target_calls=0)
+    stats.update(drafted=0, accepted=0, target_calls=0, looked_up=0)
     while len(tokens) - T < max_new_tokens:
         k = min(num_speculative, max_new_tokens - (len(tokens) - T) - 1)  # the last token needs no draft
-        if draft_caches is None:
-            drafts = prompt_lookup(tokens, k, max_ngram)
+        drafts = prompt_lookup(tokens, k, max_ngram) if draft_caches is None or lookup_first else []
+        if drafts or draft_caches is None:
             V = n_vocab or model.config.vocab_size
             q = F.one_hot(torch.tensor(drafts, dtype=torch.long), V).float()  # (k, V): a certain draft
+            stats["looked_up"] += len(drafts)
         else:
             drafts, q = draft_with_model(draft, draft_caches, tokens, k, temperature, top_k, top_p, generator,
                                          n_vocab) if k else ([], None)
@@ -235,13 +240,14 @@ def forward_rows(model, idx, pos, key_real, caches):
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
-             n_vocab=None, draft_model=None, num_speculative=4):
+             n_vocab=None, draft_model=None, num_speculative=4, lookup_first=False):
     """model.generate, with speculative decoding when draft_model is given (a Transformer on
-    the same tokenizer, or "prompt" for prompt lookup), k = num_speculative drafted tokens."""
+    the same tokenizer, or "prompt" for prompt lookup), k = num_speculative drafted tokens;
+    lookup_first: prompt lookup where it finds a match, the draft model elsewhere."""
     if draft_model is None:
         return model.generate(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, n_vocab)
     return speculative_generate(model, idx, max_new_tokens, draft_model, num_speculative, temperature, top_k, top_p,
-                                eos_id, generator, n_vocab)
+                                eos_id, generator, n_vocab, lookup_first=lookup_first)
 
 
 @torch.inference_mode()
@@ -295,6 +301,8 @@ def main(argv=None):
     p.add_argument("--draft", default="", help="a draft model's out_dir, or 'prompt' for prompt lookup; empty: "
                    "no speculation (batched generation of the --prompt's)")
     p.add_argument("--num_speculative", "-k", type=int, default=4, help="tokens drafted per target pass")
+    p.add_argument("--lookup_first", action="store_true", help="with a --draft model: prompt lookup where the "
+                   "context has a match, the draft model elsewhere")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -321,10 +329,10 @@ def main(argv=None):
             stats = {}
             out = speculative_generate(model, torch.tensor([ids]), args.max_new_tokens, draft, args.num_speculative,
                                        args.temperature, eos_id=tokenizer.eot_token, generator=generator,
-                                       n_vocab=tokenizer.n_vocab, stats=stats)
+                                       n_vocab=tokenizer.n_vocab, stats=stats, lookup_first=args.lookup_first)
             print(tokenizer.decode(out[0].tolist()))
-            print(f"--- accepted {stats['accepted']}/{stats['drafted']} drafts, {stats['target_calls']} target passes "
-                  f"for {out.shape[1] - len(ids)} tokens")
+            print(f"--- accepted {stats['accepted']}/{stats['drafted']} drafts ({stats['looked_up']} by prompt "
+                  f"lookup), {stats['target_calls']} target passes for {out.shape[1] - len(ids)} tokens")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

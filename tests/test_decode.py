@@ -140,13 +140,16 @@ def test_verify_emits_the_target_distribution():
     assert (n == k).any() and (n == 0).any()  # every branch taken: rejections and the bonus token
 
 
-def test_speculative_sampling_matches_target_joint_distribution():
+@pytest.mark.parametrize("lookup_first", [False, True])
+def test_speculative_sampling_matches_target_joint_distribution(lookup_first):
     """End to end, with the KV caches: the first two sampled tokens' joint distribution
-    (16 outcomes) is the target's, computed exactly, not the draft's."""
+    (16 outcomes) is the target's, computed exactly, not the draft's. lookup_first: the
+    prompt repeats a token, so the first round drafts by prompt lookup (a certain q) and
+    later rounds by whichever drafter the context calls for."""
     V = 4
     target = sharp_model(0, scale=10.0, vocab_size=V, n_layer=1, n_embd=16, n_head=2, n_kv_head=1)
     draft = sharp_model(3, scale=10.0, vocab_size=V, n_layer=1, n_embd=16, n_head=2, n_kv_head=1)
-    prompt = torch.tensor([[1, 3]])
+    prompt = torch.tensor([[3, 1, 3]] if lookup_first else [[1, 3]])  # "3" repeats: the first round looks up
 
     def joint(model):  # P(a, b | prompt), (V * V,)
         with torch.no_grad():
@@ -157,14 +160,19 @@ def test_speculative_sampling_matches_target_joint_distribution():
 
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(V * V, dtype=torch.float64)
+    looked_up, T = 0, prompt.shape[1]
     for _ in range(700):
-        out = decode.speculative_generate(target, prompt, 3, draft, 2, temperature=1.0, generator=g)
-        counts[out[0, 2] * V + out[0, 3]] += 1
+        stats = {}
+        out = decode.speculative_generate(target, prompt, 3, draft, 2, temperature=1.0, generator=g, stats=stats,
+                                          lookup_first=lookup_first)
+        counts[out[0, T] * V + out[0, T + 1]] += 1
+        looked_up += stats["looked_up"]
     p, q = joint(target), joint(draft)
     assert 0.5 * (p - q).abs().sum() > 0.3  # the draft really is another distribution
     assert p.min() * counts.sum() > 5  # every outcome expected often enough for Pearson's chi-square
     assert chi2(counts, p) < chi2_critical(V * V - 1)
     assert chi2(counts + 1, q) > 10 * chi2_critical(V * V - 1)
+    assert (looked_up >= 700) == lookup_first  # every first round looked up (or none did)
 
 
 # ----------------------------------------------------------------------------- batched generation
@@ -255,3 +263,18 @@ def test_cli_bad_k_is_one_line():
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["error: num_speculative (k, the tokens drafted per step) must be an "
                                              "integer >= 1, got 0"]
+
+
+def test_lookup_first_greedy_identity_and_both_drafters_used():
+    """Prompt lookup where the context repeats, the draft model elsewhere: still token for
+    token greedy, with drafts from both sources."""
+    target, draft = sharp_model(0), sharp_model(1, n_layer=1, n_embd=32, n_head=2, n_kv_head=1)
+    idx = torch.tensor([[4, 9, 2, 4, 9, 2, 4, 9, 7, 1]])  # "4 9" repeats: lookup has a match at first
+    plain = target.generate(idx, 30, temperature=0)
+    stats = {}
+    out = decode.speculative_generate(target, idx, 30, draft, 3, temperature=0, stats=stats, lookup_first=True)
+    assert torch.equal(out, plain)
+    assert 0 < stats["looked_up"] < stats["drafted"]  # some rounds looked up, some asked the draft model
+    model_only = {}
+    decode.speculative_generate(target, idx, 30, draft, 3, temperature=0, stats=model_only)
+    assert model_only["looked_up"] == 0
