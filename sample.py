@@ -224,6 +224,10 @@ def main(argv=None):
                    "places it, else it goes first")
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
                    help="store the blocks' linear layers quantized (quant.quantize_model)")
+    p.add_argument("--quantized_decoding", default="cached", choices=["cached", "per_call"],
+                   help="with --quantize: 'cached' keeps a dequantized copy of each quantized weight and decodes at "
+                   "fp32 speed (fp32 memory on top of the quantized storage, quant.cache_dequantized); 'per_call' "
+                   "dequantizes inside every matmul: only the quantized storage, slower decoding")
     p.add_argument("--chat", action="store_true", help="a multi-turn conversation (align.py's chat template)")
     args = p.parse_args(argv)
     if os.environ.get("NANO_QUICK"):  # the documentation test: the command, not a long sample
@@ -239,6 +243,10 @@ def main(argv=None):
         model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
         if device.type == "cpu":
             store_column_major(model)
+        if args.quantize and args.quantized_decoding == "cached":
+            quant.cache_dequantized(model)
+            print(f"--quantize {args.quantize}: decoding from a cached dequantized copy of the weights (fp32 speed "
+                  f"and memory); --quantized_decoding per_call keeps only the quantized storage", file=sys.stderr)
         if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:
             raise ValueError(f"--eos_id {args.eos_id} is not a token id of this model (0 .. "
                              f"{model.config.vocab_size - 1})")
