@@ -8,10 +8,12 @@
 On a GPU (`--device cuda`: train.py's bf16 autocast over fp32 weights, fused AdamW):
 
     python bench.py --device cuda --compile --out_dir out/bench_gpu   # a few minutes on an H100
-    python bench.py --device cpu --quick --only train --dtype bfloat16   # its CPU smoke test
+    python bench.py --device cpu --quick --only train,tinyllama_sweep   # their CPU smoke test
 
     train            the training step next to transformers: demo, a 370M model, tinyllama_1b
                      (tokens/s, MFU, the peak memory each needs)
+    tinyllama_sweep  tinyllama_1b alone: micro-batch 1 to 16 x 2048, with and without activation
+                     checkpointing, measured peak next to plan.estimate_memory; a profile
 
 Timings alternate between the contenders (ours, theirs, ours, theirs, ...) inside one
 process and report the median of each, so a noisy machine slows both alike; the
@@ -161,7 +163,7 @@ def try_first(fn, name, errors):
 
 
 class Budget:
-    """A time budget for the optional work (compiling): each runs only if its
+    """A time budget for the optional work (compiling, the profile): each runs only if its
     estimated cost fits in what is left, else it is skipped with a note, so a slow compile
     cannot push the required measurements past the device's time limit. 0 seconds: no budget."""
 
@@ -451,9 +453,105 @@ def bench_memory(cases):
     return rows
 
 
+# ----------------------------------------------------------------------------- 7. tinyllama_1b sweep (GPU)
+def bench_sweep(model_name, seq, batches, device, dtype, peak, budget, warmup=2, steps=3, save=lambda rows: None):
+    """Ours alone, full training (fp32 master weights, autocast, fused AdamW): tokens/s, MFU
+    and peak memory for each micro-batch, without and with activation checkpointing; the
+    measured peak next to plan.estimate_memory's. Then one profiled step at the fastest."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(model_name)
+    model = build(config, device)
+    optimizer = make_optimizer(model, TrainConfig(), device)
+    autocast, bf16 = autocast_for(device, dtype), dtype == torch.bfloat16
+    print(f"training sweep | {model_name} ({count_params(config):,} params), T = {seq}, "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, fused AdamW, {steps} timed steps after {warmup}")
+    rows = []
+    for ckpt in (False, True):
+        model.grad_checkpoint = ckpt  # train.py --grad_checkpoint: model.py checkpoints every block
+        for batch in batches:
+            est = estimate_memory(config, batch, seq, activation_bytes=2 if bf16 else 4, grad_checkpoint=ckpt)
+            row = {"batch": batch, "seq": seq, "grad_checkpoint": ckpt, "estimate_bytes": est["full"]["total"]}
+            try:
+                row.update(sweep_point(model, optimizer, batch, seq, device, autocast, peak, warmup, steps))
+            except torch.cuda.OutOfMemoryError:
+                row["result"] = "OOM"
+            if "result" in row:  # out of the except block: the failed step's tensors are free now
+                optimizer.zero_grad(set_to_none=True)
+                free_memory(device)
+            rows.append(row)
+            save(rows)
+            print_sweep_row(row)
+    fastest = max((r for r in rows if "tok_s" in r), key=lambda r: r["tok_s"], default=None)
+    if fastest is None or not budget.allows(20, "the profile"):
+        return {"rows": rows}
+    where = f"{fastest['batch']}x{seq}{', checkpointed' if fastest['grad_checkpoint'] else ''}"
+    model.grad_checkpoint = fastest["grad_checkpoint"]
+    try:  # the profile is extra: if the profiler cannot run here, the sweep's figures stand
+        table = profile_step(model, optimizer, fastest["batch"], seq, device, autocast)
+    except Exception as e:
+        print(f"  profile at {where} failed: {type(e).__name__}: {str(e)[:300]}")
+        return {"rows": rows, "profile_error": f"{type(e).__name__}: {e}"}
+    print(f"profile of one step at {where} (top 15 by self {'CUDA' if device.type == 'cuda' else 'CPU'} time):")
+    print(table)
+    return {"rows": rows, "profile": {"batch": fastest["batch"], "grad_checkpoint": fastest["grad_checkpoint"],
+                                      "table": table}}
+
+
+def sweep_point(model, optimizer, batch, seq, device, autocast, peak, warmup, steps):
+    """Warm-up steps (the first creates AdamW's state and the allocator's blocks), then the
+    timed ones, each waited for; the peak is the whole footprint: weights, gradients,
+    AdamW's two moments, activations."""
+    x = torch.randint(model.config.vocab_size, (batch, seq), device=device)
+    y = torch.randint(model.config.vocab_size, (batch, seq), device=device)
+    for _ in range(warmup):
+        train_step(model, optimizer, x, y, False, autocast)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, x, y, False, autocast)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    tokens = batch * seq
+    out = {"ms": 1000 * sec, "tok_s": tokens / sec,
+           "mfu": flops_per_token(model.config, seq) * tokens / sec / peak if peak else None}
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def print_sweep_row(r):
+    head = f"  {r['batch']:2d}x{r['seq']} {'checkpointed' if r['grad_checkpoint'] else 'plain':12s}"
+    estimate = f"estimate {format_bytes(r['estimate_bytes'])}"
+    if "result" in r:
+        print(f"{head} {r['result']} ({estimate})")
+        return
+    mfu = f"MFU {100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "MFU   n/a"
+    peak = f"peak {format_bytes(r['peak_memory_bytes'])}" if "peak_memory_bytes" in r else "peak n/a"
+    print(f"{head} {r['ms']:8.1f} ms  {r['tok_s']:9,.0f} tok/s  {mfu}  {peak} ({estimate})")
+
+
+def profile_step(model, optimizer, batch, seq, device, autocast, rows=15):
+    """torch.profiler over one warm training step: the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randint(model.config.vocab_size, (batch, seq), device=device)
+    train_step(model, optimizer, x, x, False, autocast)  # warm: no first-call allocations in the trace
+    synchronize(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        train_step(model, optimizer, x, x, False, autocast)
+        synchronize(device)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows, max_name_column_width=48)
+
+
 # ----------------------------------------------------------------------------- main
-SECTIONS = ("train", "decode", "kv", "memory", "tinyllama")
+SECTIONS = ("train", "decode", "kv", "memory", "tinyllama", "tinyllama_sweep")
 CPU_SECTIONS = {"decode", "memory", "tinyllama"}  # measure the CPU: peak RSS, CPU weight-read rates
+GPU_SECTIONS = {"tinyllama_sweep"}  # sized for a GPU; on a CPU only with --quick (debug preset)
 
 
 def autocast_for(device, dtype):
@@ -481,7 +579,8 @@ def run_section(name, fn, report, path, device):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated sections: train, decode, kv, memory, tinyllama (needs ~20 GB "
-                   "RAM). Default: train,decode,kv,memory on a CPU; train on a GPU")
+                   "RAM), tinyllama_sweep (GPU). Default: train,decode,kv,memory on a CPU; "
+                   "train,tinyllama_sweep on a GPU")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test")
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5 on a CPU, 3 on a GPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (on a GPU: ours on "
@@ -491,8 +590,8 @@ def parse_args():
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="training: auto is train.py's (bf16 autocast on a GPU, fp32 on a CPU)")
-    p.add_argument("--time_budget", type=float, help="seconds for the whole run; optional work (compiling) "
-                   "is skipped when it would not fit (default 360 on a "
+    p.add_argument("--time_budget", type=float, help="seconds for the whole run; optional work (compiling, "
+                   "the profile) is skipped when it would not fit (default 360 on a "
                    "GPU, none on a CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -501,11 +600,15 @@ def parse_args():
 def check_sections(args, device):
     """The sections to run, or one line saying why not."""
     sections = set((args.only or ("train,decode,kv,memory" if device.type == "cpu" else
-                                  "train")).split(","))
+                                  "train,tinyllama_sweep")).split(","))
     if sections - set(SECTIONS):
         raise ValueError(f"unknown section(s) {sorted(sections - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     if device.type != "cpu" and sections & CPU_SECTIONS:
-        raise ValueError(f"section(s) {sorted(sections & CPU_SECTIONS)} measure the CPU; on a GPU run train, kv")
+        raise ValueError(f"section(s) {sorted(sections & CPU_SECTIONS)} measure the CPU; on a GPU run train, kv, "
+                         f"tinyllama_sweep")
+    if device.type == "cpu" and not args.quick and sections & GPU_SECTIONS:
+        raise ValueError(f"section(s) {sorted(sections & GPU_SECTIONS)} are sized for a GPU; on a CPU add --quick "
+                         f"to smoke-test them on the debug preset")
     return sections
 
 
@@ -595,8 +698,14 @@ def main():
         print(f"  tinyllama_1b  1x256 QLoRA (NF4+DQ base, LoRA r=8 on all projections, paged AdamW): "
               f"measured {format_bytes(got['peak_bytes'])}, step {got['step_s']:.1f} s")
 
+    def tinyllama_sweep():
+        model, seq, batches = ("debug", 64, (1, 2)) if args.quick else ("tinyllama_1b", 2048, (1, 2, 4, 8, 16))
+        report["tinyllama_sweep"] = bench_sweep(
+            model, seq, batches, device, dtype, peak, budget, *((1, 2) if args.quick else (2, 3)),
+            save=lambda rows: (report.__setitem__("tinyllama_sweep", {"rows": rows}), write_json(report, path)))
+
     jobs = {"train": train, "decode": decode, "kv": kv, "memory": memory, "tinyllama": tinyllama,
-}
+            "tinyllama_sweep": tinyllama_sweep}
     for name in SECTIONS:
         if name in sections:
             run_section(name, jobs[name], report, path, device)
