@@ -8,12 +8,14 @@
 On a GPU (`--device cuda`: train.py's bf16 autocast over fp32 weights, fused AdamW):
 
     python bench.py --device cuda --compile --out_dir out/bench_gpu   # a few minutes on an H100
-    python bench.py --device cpu --quick --only train,tinyllama_sweep   # their CPU smoke test
+    python bench.py --device cpu --quick --only train,tinyllama_sweep,decode_gpu   # their CPU smoke test
 
     train            the training step next to transformers: demo, a 370M model, tinyllama_1b
                      (tokens/s, MFU, the peak memory each needs)
     tinyllama_sweep  tinyllama_1b alone: micro-batch 1 to 16 x 2048, with and without activation
                      checkpointing, measured peak next to plan.estimate_memory; a profile
+    decode_gpu       greedy decoding in bf16 (demo, tinyllama_1b; batch 1 and 16) next to
+                     transformers, against the bound that memory bandwidth sets
 
 Timings alternate between the contenders (ours, theirs, ours, theirs, ...) inside one
 process and report the median of each, so a noisy machine slows both alike; the
@@ -163,9 +165,10 @@ def try_first(fn, name, errors):
 
 
 class Budget:
-    """A time budget for the optional work (compiling, the profile): each runs only if its
-    estimated cost fits in what is left, else it is skipped with a note, so a slow compile
-    cannot push the required measurements past the device's time limit. 0 seconds: no budget."""
+    """A time budget for the optional work (compiling, transformers' static cache, the
+    profile): each runs only if its estimated cost fits in what is left, else it is skipped
+    with a note, so a slow compile cannot push the required measurements past the device's
+    time limit. 0 seconds: no budget."""
 
     def __init__(self, seconds):
         self.seconds, self.start = seconds, time.perf_counter()
@@ -548,10 +551,137 @@ def profile_step(model, optimizer, batch, seq, device, autocast, rows=15):
                                      row_limit=rows, max_name_column_width=48)
 
 
+# ----------------------------------------------------------------------------- 8. greedy decoding (GPU)
+def copy_bandwidth(device, nbytes, repeats=10):
+    """Memory bandwidth measured here: copying a buffer reads and writes each byte once, so
+    2 x nbytes cross the memory bus per copy. Best of 3 runs of `repeats` copies."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes * repeats / best
+
+
+def bytes_per_step(config, batch, context, dtype_bytes=2):
+    """Bytes a decoding step must read at least: every weight once (the batch shares them),
+    except the embedding table (a lookup reads only the batch's rows), plus each sequence's
+    KV cache over `context` positions."""
+    weights = count_params(config) - (0 if config.tie_embeddings else config.vocab_size * config.n_embd)
+    kv = 2 * config.n_layer * config.n_kv_head * config.head_dim * context * batch
+    return dtype_bytes * (weights + kv)
+
+
+def hf_bf16(hf):
+    """transformers' model in bf16 like ours: a plain .to() would round RoPE's inverse
+    frequencies to bf16 too (and the angles m * theta with them); keep those fp32, so both
+    models compute cos and sin in fp32 and round only the results to bf16."""
+    rope = hf.model.rotary_emb
+    inv_freq = rope.inv_freq.clone()
+    hf.to(torch.bfloat16)
+    rope.inv_freq = inv_freq
+    return hf
+
+
+def first_divergence(a, b, start):
+    """The first generated position where two (B, T) token tensors differ in any row, None if
+    they agree (bf16 rounds differently in the two implementations: ties can flip an argmax)."""
+    n = min(a.shape[1], b.shape[1])
+    diff = (a[:, :n] != b[:, :n]).any(0).nonzero()
+    return int(diff[0]) - start if len(diff) else (None if a.shape == b.shape else n - start)
+
+
+def bench_decode_gpu(names, batches, prompt_len, new_tokens, rounds, device, bandwidth, budget,
+                     static_batches=(1,), save=lambda rows: None):
+    """Greedy decoding in bf16, ours (KV cache) against transformers' generate (its dynamic
+    cache, and, at static_batches, its static cache, which generate torch.compiles on a
+    GPU: a compile per batch size), for each model and batch size; tokens/s next to the
+    bound that reading the weights alone sets. A case that fails is recorded, the next runs."""
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        ours = build(ModelConfig.from_name(name), device).eval()
+        theirs = hf_bf16(hf_twin(ours).eval())
+        ours.to(torch.bfloat16)  # RoPE tables, computed in fp32, are rounded as apply_rope rounds them
+        for batch in batches:
+            try:
+                rows.append(decode_case(name, ours, theirs, batch, prompt_len, new_tokens, rounds, device, bandwidth,
+                                        budget if batch in static_batches else None))
+            except Exception as e:  # out of memory included
+                rows.append({"model": name, "batch": batch, "error": f"{type(e).__name__}: {e}"[:1000]})
+                FAILURES.append(f"decode_gpu: {name}, batch {batch}")
+                print(f"greedy decoding | {name}, batch {batch} | failed: {rows[-1]['error'][:300]}")
+            free_memory(device)
+            save(rows)
+        del ours, theirs
+        free_memory(device)
+    return rows
+
+
+def static_cost(config):
+    """Seconds for transformers to torch.compile a decoding step with CUDA graphs (a guess)."""
+    return 15 + 2 * config.n_layer
+
+
+def decode_case(name, ours, theirs, batch, prompt_len, new_tokens, rounds, device, bandwidth, budget):
+    config = ours.config
+    idx = torch.randint(config.vocab_size, (batch, prompt_len), device=device)
+    hf_args = dict(attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0)
+    calls = {"ours (KV cache)": lambda: ours.generate(idx, new_tokens, temperature=0),
+             "transformers": lambda: theirs.generate(idx, **hf_args)}
+    errors = {}
+    static = lambda: theirs.generate(idx, cache_implementation="static", **hf_args)
+    if budget is not None and budget.allows(static_cost(config), f"transformers static ({name}, batch {batch})") \
+            and try_first(static, "transformers static", errors):
+        calls["transformers static"] = static
+    tokens = {who: fn() for who, fn in calls.items()}  # also each one's warm-up
+    # resident bytes: the weights of the model each contender runs (its KV cache is made in the call;
+    # CUDA graphs' memory pool, kept between calls, is not counted)
+    peaks, weights = {}, {"ours": tensor_bytes(ours), "transformers": tensor_bytes(theirs)}
+    t = alternate({who: measured(fn, device, peaks, who, lambda who=who: weights[who.split(" ")[0]])
+                   for who, fn in calls.items()}, rounds)
+    return decode_row(name, config, batch, prompt_len, new_tokens, t, tokens, peaks, bandwidth, errors)
+
+
+def decode_row(name, config, batch, prompt_len, new_tokens, t, tokens, peaks, bandwidth, errors):
+    step_bytes = bytes_per_step(config, batch, prompt_len + new_tokens // 2)  # the mean context
+    bound = {src: bw * batch / step_bytes for src, bw in bandwidth.items() if bw}  # tokens/s
+    row = {"model": name, "params": count_params(config), "batch": batch, "prompt": prompt_len,
+           "new_tokens": new_tokens, "bytes_per_step": step_bytes, "bound_tok_s": bound, "contenders": {}}
+    print(f"greedy decoding | {name}, bf16 | batch {batch}, prompt {prompt_len}, {new_tokens} new | bound "
+          + ", ".join(f"{b:,.0f} tok/s ({src})" for src, b in bound.items()))
+    width = max(22, *map(len, t))
+    for who, sec in t.items():
+        tok_s = batch * new_tokens / sec
+        c = row["contenders"][who] = {"tok_s": tok_s, "of_bound": {src: tok_s / b for src, b in bound.items()}}
+        line = f"  {who:{width}s} {tok_s:9,.0f} tok/s  " + \
+            "  ".join(f"{100 * f:4.0f}% of {src}" for src, f in c["of_bound"].items())
+        if who in peaks:
+            c["peak_memory_bytes"] = peaks[who]
+            line += f"  peak {peaks[who] / 2**30:.2f} GiB"
+        if who != "ours (KV cache)":
+            c["first_divergence"] = first_divergence(tokens["ours (KV cache)"], tokens[who], prompt_len)
+            first = c["first_divergence"]
+            line += "  same tokens" if first is None else f"  differs from new token {first}"
+        print(line)
+    row["speedup_vs_transformers"] = t["transformers"] / t["ours (KV cache)"]
+    print(f"  ours / transformers: {row['speedup_vs_transformers']:.2f}x faster")
+    if errors:
+        row["errors"] = errors
+    return row
+
+
 # ----------------------------------------------------------------------------- main
-SECTIONS = ("train", "decode", "kv", "memory", "tinyllama", "tinyllama_sweep")
+SECTIONS = ("train", "decode", "kv", "memory", "tinyllama", "tinyllama_sweep", "decode_gpu")
 CPU_SECTIONS = {"decode", "memory", "tinyllama"}  # measure the CPU: peak RSS, CPU weight-read rates
-GPU_SECTIONS = {"tinyllama_sweep"}  # sized for a GPU; on a CPU only with --quick (debug preset)
+GPU_SECTIONS = {"tinyllama_sweep", "decode_gpu"}  # sized for a GPU; on a CPU only with --quick (debug preset)
 
 
 def autocast_for(device, dtype):
@@ -579,8 +709,8 @@ def run_section(name, fn, report, path, device):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated sections: train, decode, kv, memory, tinyllama (needs ~20 GB "
-                   "RAM), tinyllama_sweep (GPU). Default: train,decode,kv,memory on a CPU; "
-                   "train,tinyllama_sweep on a GPU")
+                   "RAM), tinyllama_sweep, decode_gpu (GPU). Default: train,decode,kv,memory on a CPU; "
+                   "train,tinyllama_sweep,decode_gpu on a GPU")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test")
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5 on a CPU, 3 on a GPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (on a GPU: ours on "
@@ -591,7 +721,7 @@ def parse_args():
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="training: auto is train.py's (bf16 autocast on a GPU, fp32 on a CPU)")
     p.add_argument("--time_budget", type=float, help="seconds for the whole run; optional work (compiling, "
-                   "the profile) is skipped when it would not fit (default 360 on a "
+                   "transformers' static cache, the profile) is skipped when it would not fit (default 360 on a "
                    "GPU, none on a CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -600,12 +730,12 @@ def parse_args():
 def check_sections(args, device):
     """The sections to run, or one line saying why not."""
     sections = set((args.only or ("train,decode,kv,memory" if device.type == "cpu" else
-                                  "train,tinyllama_sweep")).split(","))
+                                  "train,tinyllama_sweep,decode_gpu")).split(","))
     if sections - set(SECTIONS):
         raise ValueError(f"unknown section(s) {sorted(sections - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     if device.type != "cpu" and sections & CPU_SECTIONS:
         raise ValueError(f"section(s) {sorted(sections & CPU_SECTIONS)} measure the CPU; on a GPU run train, kv, "
-                         f"tinyllama_sweep")
+                         f"tinyllama_sweep, decode_gpu")
     if device.type == "cpu" and not args.quick and sections & GPU_SECTIONS:
         raise ValueError(f"section(s) {sorted(sections & GPU_SECTIONS)} are sized for a GPU; on a CPU add --quick "
                          f"to smoke-test them on the debug preset")
@@ -704,8 +834,25 @@ def main():
             model, seq, batches, device, dtype, peak, budget, *((1, 2) if args.quick else (2, 3)),
             save=lambda rows: (report.__setitem__("tinyllama_sweep", {"rows": rows}), write_json(report, path)))
 
+    def decode_gpu():
+        nbytes = 2**30 if gpu else 2**26  # 1 GiB: far past every cache (64 MiB on a CPU smoke test)
+        _, spec = device_spec(device) if gpu else (None, None)
+        bandwidth = {"datasheet": spec["memory_bandwidth"] if spec else None,
+                     "measured": copy_bandwidth(device, nbytes)}
+        report["bandwidth"] = bandwidth
+        print(f"memory bandwidth: measured {bandwidth['measured'] / 1e12:.2f} TB/s (a {nbytes / 2**30:.2f} GiB copy, "
+              f"read + write), datasheet " + (f"{bandwidth['datasheet'] / 1e12:.2f} TB/s" if spec else "n/a"))
+        if gpu:
+            print("  transformers static = generate(cache_implementation='static'), which torch.compiles the "
+                  "decoding step (CUDA graphs); at batch 1 only: a compile per batch size")
+        models, batches, prompt, new = (("debug",), (1, 4), 8, 8) if args.quick else \
+            (("demo", "tinyllama_1b"), (1, 16), 64, 128)
+        report["decode_gpu"] = bench_decode_gpu(
+            models, batches, prompt, new, rounds, device, bandwidth, budget, static_batches=batches[:1],
+            save=lambda rows: (report.__setitem__("decode_gpu", rows), write_json(report, path)))
+
     jobs = {"train": train, "decode": decode, "kv": kv, "memory": memory, "tinyllama": tinyllama,
-            "tinyllama_sweep": tinyllama_sweep}
+            "tinyllama_sweep": tinyllama_sweep, "decode_gpu": decode_gpu}
     for name in SECTIONS:
         if name in sections:
             run_section(name, jobs[name], report, path, device)
