@@ -117,7 +117,7 @@ def synchronize(device):
 
 def measured(fn, device, peaks, name, resident):
     """fn, made to return only when its GPU work is done (so alternate's clock times the work)
-    and, on CUDA, to record in peaks[name] the most memory it needs: resident() bytes that
+    and, on CUDA, to record in peaks[name] the most memory it needs: the `resident` bytes that
     stay between calls (its weights and optimizer state) plus the most allocated above the
     level at which the call began (activations, gradients, the KV cache, workspaces). The
     other contender's weights, also on the GPU, are not counted: each figure is the memory
@@ -125,11 +125,11 @@ def measured(fn, device, peaks, name, resident):
     def run():
         if device.type != "cuda":
             return fn()
-        base, held = torch.cuda.memory_allocated(device), resident()
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         out = fn()
         torch.cuda.synchronize(device)
-        peaks[name] = max(peaks.get(name, 0), held + torch.cuda.max_memory_allocated(device) - base)
+        peaks[name] = max(peaks.get(name, 0), resident + torch.cuda.max_memory_allocated(device) - base)
         return out
     return run
 
@@ -248,9 +248,11 @@ def train_case(name, spec, rounds, peak, compile_too, device, autocast, budget):
             contenders[label] = (step, opt, hf, module)
     for _, opt, _, _ in contenders.values():  # a failed compile may have left gradients behind
         opt.zero_grad(set_to_none=True)
+    for m, o, hf in ((ours, opt_ours, False), (theirs, opt_theirs, True)):
+        train_step(m, o, x, y, hf, autocast)  # creates AdamW's state: the resident bytes are known from here
     peaks = {}
     timed = {who: measured(lambda m=m, o=o, hf=hf: train_step(m, o, x, y, hf, autocast), device, peaks, who,
-                           lambda module=module, o=o: tensor_bytes(module, o))
+                           tensor_bytes(module, o))
              for who, (m, o, hf, module) in contenders.items()}
     t = alternate(timed, rounds)
     return train_row(name, config, batch, t, peak, peaks, errors)
@@ -645,8 +647,8 @@ def decode_case(name, ours, theirs, batch, prompt_len, new_tokens, rounds, devic
     # resident bytes: the weights of the model each contender runs (its KV cache is made in the call;
     # CUDA graphs' memory pool, kept between calls, is not counted)
     peaks, weights = {}, {"ours": tensor_bytes(ours), "transformers": tensor_bytes(theirs)}
-    t = alternate({who: measured(fn, device, peaks, who, lambda who=who: weights[who.split(" ")[0]])
-                   for who, fn in calls.items()}, rounds)
+    t = alternate({who: measured(fn, device, peaks, who, weights[who.split(" ")[0]]) for who, fn in calls.items()},
+                  rounds)
     return decode_row(name, config, batch, prompt_len, new_tokens, t, tokens, peaks, bandwidth, errors)
 
 
