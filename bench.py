@@ -604,7 +604,8 @@ def bench_decode_gpu(names, batches, prompt_len, new_tokens, rounds, device, ban
     """Greedy decoding in bf16, ours (KV cache) against transformers' generate (its dynamic
     cache, and, at static_batches, its static cache, which generate torch.compiles on a
     GPU: a compile per batch size), for each model and batch size; tokens/s next to the
-    bound that reading the weights alone sets. A case that fails is recorded, the next runs."""
+    bound that reading the weights and the KV cache sets (bytes_per_step). A case that fails
+    is recorded, the next runs."""
     rows = []
     for name in names:
         torch.manual_seed(0)
