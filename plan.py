@@ -35,6 +35,7 @@ hours per 300B tokens, 56% MFU. This file gives 3,472 hours (300e9 / 24,000 / 3,
 
 import argparse
 import os
+import re
 import time
 
 import torch
@@ -42,15 +43,15 @@ import torch
 import quant
 from model import PRESETS, ModelConfig, Transformer, block_linear_shapes, count_params, flops_per_token
 
-# dense bf16 tensor-core FLOP/s and memory from the vendors' datasheets
+# dense bf16 tensor-core FLOP/s, memory and memory bandwidth (bytes/s) from the vendors' datasheets
 DEVICES = {
-    "A100-40G": {"peak_flops": 312e12, "memory": 40 * 2**30},
-    "A100-80G": {"peak_flops": 312e12, "memory": 80 * 2**30},
-    "H100": {"peak_flops": 989e12, "memory": 80 * 2**30},  # SXM
-    "H200": {"peak_flops": 989e12, "memory": 141 * 10**9},
-    "A10G": {"peak_flops": 125e12, "memory": 24 * 2**30},
-    "L4": {"peak_flops": 121e12, "memory": 24 * 2**30},
-    "RTX 4090": {"peak_flops": 165e12, "memory": 24 * 2**30},
+    "A100-40G": {"peak_flops": 312e12, "memory": 40 * 2**30, "memory_bandwidth": 1.555e12},
+    "A100-80G": {"peak_flops": 312e12, "memory": 80 * 2**30, "memory_bandwidth": 2.039e12},  # SXM
+    "H100": {"peak_flops": 989e12, "memory": 80 * 2**30, "memory_bandwidth": 3.35e12},  # SXM
+    "H200": {"peak_flops": 989e12, "memory": 141 * 10**9, "memory_bandwidth": 4.8e12},
+    "A10G": {"peak_flops": 125e12, "memory": 24 * 2**30, "memory_bandwidth": 600e9},
+    "L4": {"peak_flops": 121e12, "memory": 24 * 2**30, "memory_bandwidth": 300e9},
+    "RTX 4090": {"peak_flops": 165e12, "memory": 24 * 2**30, "memory_bandwidth": 1.008e12},
 }
 
 
@@ -165,15 +166,27 @@ def print_memory_estimate(config, batch_size, lora_r=8, bf16=False, grad_checkpo
 
 
 # ----------------------------------------------------------------------------- FLOP/s
+def device_spec(device):
+    """(key, DEVICES entry) of a CUDA device, matched by name ("NVIDIA H200" -> H200; an A100
+    by its memory size, 40 or 80 GB); (None, None) for a GPU not in the table."""
+    name = torch.cuda.get_device_name(device)
+    # the model as a whole word: "L4" must not match "NVIDIA L40S"
+    keys = [k for k in DEVICES if re.search(rf"(?<![A-Za-z0-9]){re.escape(k.split('-')[0])}(?![A-Za-z0-9])", name)]
+    if not keys:
+        return None, None
+    total = torch.cuda.get_device_properties(device).total_memory
+    key = min(keys, key=lambda k: abs(DEVICES[k]["memory"] - total))
+    return key, DEVICES[key]
+
+
 def peak_flops(device, dtype):
     """The device's peak FLOP/s, MFU's denominator: a datasheet figure for GPUs (DEVICES,
     matched by name); measured on CPU (fp32 matmul)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, spec in DEVICES.items():
-            if key.split("-")[0] in name:
-                return spec["peak_flops"] if dtype == torch.bfloat16 else spec["peak_flops"] / 2  # tf32: half
-        return None  # unknown GPU: MFU not reported
+        _, spec = device_spec(device)
+        if spec is None:
+            return None  # unknown GPU: MFU not reported
+        return spec["peak_flops"] if dtype == torch.bfloat16 else spec["peak_flops"] / 2  # tf32: half
     g = torch.Generator().manual_seed(0)  # not the global RNG: that one drives dropout
     a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
     a @ b
