@@ -459,10 +459,13 @@ def bench_memory(cases):
 
 
 # ----------------------------------------------------------------------------- 7. tinyllama_1b sweep (GPU)
-def bench_sweep(model_name, seq, batches, device, dtype, peak, budget, warmup=2, steps=3, save=lambda rows: None):
+def bench_sweep(model_name, seq, batches, device, dtype, peak, budget, warmup=2, steps=3, save=lambda rows: None,
+                compile_batches=()):
     """Ours alone, full training (fp32 master weights, autocast, fused AdamW): tokens/s, MFU
     and peak memory for each micro-batch, without and with activation checkpointing; the
-    measured peak next to plan.estimate_memory's. Then one profiled step at the fastest."""
+    measured peak next to plan.estimate_memory's. compile_batches: the same under
+    torch.compile at those micro-batches (one compile each). Then one profiled (eager)
+    step at the fastest eager setting."""
     torch.manual_seed(0)
     config = ModelConfig.from_name(model_name)
     model = build(config, device)
@@ -486,7 +489,28 @@ def bench_sweep(model_name, seq, batches, device, dtype, peak, budget, warmup=2,
             rows.append(row)
             save(rows)
             print_sweep_row(row)
-    fastest = max((r for r in rows if "tok_s" in r), key=lambda r: r["tok_s"], default=None)
+    model.grad_checkpoint = False
+    compiled = torch.compile(model, dynamic=False)  # shares the weights and the optimizer
+    for batch in compile_batches:
+        if not budget.allows(compile_cost(config), f"torch.compile at {batch}x{seq}"):
+            break
+        est = estimate_memory(config, batch, seq, activation_bytes=2 if bf16 else 4)
+        row = {"batch": batch, "seq": seq, "grad_checkpoint": False, "compiled": True,
+               "estimate_bytes": est["full"]["total"]}
+        try:  # the warm-up steps compile
+            row.update(sweep_point(compiled, optimizer, batch, seq, device, autocast, peak, warmup, steps))
+        except torch.cuda.OutOfMemoryError:
+            row["result"] = "OOM"
+        except Exception as e:
+            row["result"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        if "result" in row:
+            optimizer.zero_grad(set_to_none=True)
+            free_memory(device)
+        rows.append(row)
+        save(rows)
+        print_sweep_row(row)
+    fastest = max((r for r in rows if "tok_s" in r and not r.get("compiled")), key=lambda r: r["tok_s"],
+                  default=None)
     if fastest is None or not budget.allows(20, "the profile"):
         return {"rows": rows}
     where = f"{fastest['batch']}x{seq}{', checkpointed' if fastest['grad_checkpoint'] else ''}"
@@ -529,7 +553,8 @@ def sweep_point(model, optimizer, batch, seq, device, autocast, peak, warmup, st
 
 
 def print_sweep_row(r):
-    head = f"  {r['batch']:2d}x{r['seq']} {'checkpointed' if r['grad_checkpoint'] else 'plain':12s}"
+    kind = "compiled" if r.get("compiled") else "checkpointed" if r["grad_checkpoint"] else "plain"
+    head = f"  {r['batch']:2d}x{r['seq']} {kind:12s}"
     estimate = f"estimate {format_bytes(r['estimate_bytes'])}"
     if "result" in r:
         print(f"{head} {r['result']} ({estimate})")
@@ -835,7 +860,8 @@ def main():
         model, seq, batches = ("debug", 64, (1, 2)) if args.quick else ("tinyllama_1b", 2048, (1, 2, 4, 8, 16))
         report["tinyllama_sweep"] = bench_sweep(
             model, seq, batches, device, dtype, peak, budget, *((1, 2) if args.quick else (2, 3)),
-            save=lambda rows: (report.__setitem__("tinyllama_sweep", {"rows": rows}), write_json(report, path)))
+            save=lambda rows: (report.__setitem__("tinyllama_sweep", {"rows": rows}), write_json(report, path)),
+            compile_batches=(((2,) if args.quick else (8, 16)) if args.compile else ()))
 
     def decode_gpu():
         nbytes = 2**30 if gpu else 2**26  # 1 GiB: far past every cache (64 MiB on a CPU smoke test)

