@@ -66,6 +66,31 @@ def hf_greedy(hf, idx, mask, new_tokens):
 
 # ----------------------------------------------------------------------------- speculative decoding
 @torch.inference_mode()
+def verify_cost(model, positions=(1, 2, 3, 5, 9), context=64, rounds=5, reps=10):
+    """Milliseconds of one target pass through the KV cache with T new positions (T = k + 1
+    when verifying k drafts), after a `context`-token prompt. Speculative decoding gains
+    when T positions cost little more than one: true where a pass is bound by reading the
+    weights, less so where T x the FLOPs take longer than that read."""
+    context = min(context, model.config.block_size - max(positions))
+    caches = model.new_kv_caches(1)
+    model(torch.zeros(1, context, dtype=torch.long), caches=caches, start_pos=0)
+
+    def passes(T):
+        x = torch.zeros(1, T, dtype=torch.long)
+
+        def run():
+            for _ in range(reps):
+                model(x, caches=caches, start_pos=context)
+                decode.rollback(caches, context)
+        return run
+    t = alternate({T: passes(T) for T in positions}, rounds)
+    ms = {T: 1000 * sec / reps for T, sec in t.items()}
+    print("one target pass through the KV cache: " + ", ".join(f"T={T} {v:.1f} ms ({v / ms[1]:.2f}x)"
+                                                                for T, v in ms.items()))
+    return {"ms": ms, "vs_one": {T: v / ms[1] for T, v in ms.items()}}
+
+
+@torch.inference_mode()
 def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=None):
     """Greedy decoding of each prompt: plain, transformers, and speculative with k drafts."""
     theirs = hf_twin(target).eval()
@@ -159,7 +184,7 @@ def bench_quant(model, new_tokens, rounds, shape):
     idx = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     models = {"fp32": store_column_major(copy.deepcopy(model))}
     for method in ("int8", "nf4-dq"):
-        q = quant.quantize_model(copy.deepcopy(model), method)
+        q = store_column_major(quant.quantize_model(copy.deepcopy(model), method))  # the LM head, as sample.py
         models[f"{method} dequantize per call"] = q
         models[f"{method} cached (cache_dequantized)"] = quant.cache_dequantized(copy.deepcopy(q))
     outs = {who: m.generate(idx, new_tokens, temperature=0) for who, m in models.items()}
@@ -262,6 +287,7 @@ def main(argv=None):
         lookup_ks = [int(k) for k in args.lookup_ks.split(",")] if args.lookup_ks else None
         report["speculative"] = bench_speculative(store_column_major(target), store_column_major(draft), prompts,
                                                   new, ks, rounds, lookup_ks)
+        report["speculative"]["verify_cost"] = verify_cost(target, rounds=rounds)
     if "batched" in sections:
         batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
         pool = prompts_from_data(args.dataset if not args.quick else "", max(batches), [8, 13, 21, 32, 17, 27], V)

@@ -341,7 +341,7 @@ def dequantized_for_inference(layer):
     sample.store_column_major does for nn.Linear. Rebuilt when a buffer is replaced or
     written in place (load_state_dict): the key is each buffer's address and version.
     """
-    key = tuple((b.data_ptr(), b._version if not b.is_inference() else -1) for b in layer.buffers())
+    key = [(b.data_ptr(), -1 if b.is_inference() else b._version) for b in layer._buffers.values() if b is not None]
     if getattr(layer, "_inference_key", None) != key:
         with torch.no_grad():
             w = layer.dequantize()  # (out, in)
