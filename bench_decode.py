@@ -26,21 +26,37 @@ import torch.nn.functional as F
 
 import decode
 import quant
-from bench import alternate, hf_twin, train_step
+from bench import alternate, hf_twin, synchronize, train_step
 from checkpoint import write_json
 from model import ModelConfig, Transformer
+from runs import resolve_device
 from sample import store_column_major
 from train import TrainConfig, make_optimizer
 
 
-def load_or_random(out_dir, preset, quick):
-    """A trained run (runs.load_run) or, without one, a random model of the preset."""
+def load_or_random(out_dir, preset, quick, device="cpu"):
+    """A trained run (runs.load_run), a Hugging Face checkpoint directory (hf.save_llama's,
+    to carry a trained model without its optimizer state) or, without one, a random model
+    of the preset."""
+    if out_dir and os.path.exists(os.path.join(out_dir, "config.json")):
+        from hf import load_llama
+        return load_llama(out_dir, device=device).eval(), out_dir
     if out_dir:
         from runs import load_run
-        model, _, _ = load_run(out_dir)
+        model, _, _ = load_run(out_dir, device)
         return model.eval(), out_dir
     torch.manual_seed(0)
-    return Transformer(ModelConfig.from_name("debug" if quick else preset)).eval(), f"random {preset}"
+    return Transformer(ModelConfig.from_name("debug" if quick else preset)).to(device).eval(), f"random {preset}"
+
+
+def for_decoding(model):
+    """sample.store_column_major on a CPU (the layout its BLAS reads fastest); a GPU keeps nn.Linear's."""
+    return store_column_major(model) if model.tok_embeddings.weight.device.type == "cpu" else model
+
+
+def synced(fn, device):
+    """fn, returning only when the GPU has finished its work (alternate's clock times the work)."""
+    return lambda: (fn(), synchronize(device))[0]
 
 
 def prompts_from_data(dataset, n, lengths, vocab_size, seed=0):
@@ -72,16 +88,18 @@ def verify_cost(model, positions=(1, 2, 3, 5, 9), context=64, rounds=5, reps=10)
     when T positions cost little more than one: true where a pass is bound by reading the
     weights, less so where T x the FLOPs take longer than that read."""
     context = min(context, model.config.block_size - max(positions))
+    device = model.tok_embeddings.weight.device
     caches = model.new_kv_caches(1)
-    model(torch.zeros(1, context, dtype=torch.long), caches=caches, start_pos=0)
+    model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches, start_pos=0)
 
     def passes(T):
-        x = torch.zeros(1, T, dtype=torch.long)
+        x = torch.zeros(1, T, dtype=torch.long, device=device)
 
         def run():
             for _ in range(reps):
                 model(x, caches=caches, start_pos=context)
                 decode.rollback(caches, context)
+            synchronize(device)
         return run
     t = alternate({T: passes(T) for T in positions}, rounds)
     ms = {T: 1000 * sec / reps for T, sec in t.items()}
@@ -93,13 +111,14 @@ def verify_cost(model, positions=(1, 2, 3, 5, 9), context=64, rounds=5, reps=10)
 @torch.inference_mode()
 def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=None):
     """Greedy decoding of each prompt: plain, transformers, and speculative with k drafts."""
-    theirs = hf_twin(target).eval()
+    device = target.tok_embeddings.weight.device
+    theirs = hf_twin(target).to(device).eval()
+    ids = lambda p: torch.tensor([p], device=device)  # noqa: E731
     rows = {"acceptance": {}, "identical": {}}
-    plain = [target.generate(torch.tensor([p]), new_tokens, temperature=0) for p in prompts]
-    contenders = {"ours plain greedy": lambda: [target.generate(torch.tensor([p]), new_tokens, temperature=0)
-                                                for p in prompts],
-                  "transformers greedy": lambda: [hf_greedy(theirs, torch.tensor([p]), torch.ones(1, len(p),
-                                                            dtype=torch.long), new_tokens) for p in prompts]}
+    plain = [target.generate(ids(p), new_tokens, temperature=0) for p in prompts]
+    contenders = {"ours plain greedy": lambda: [target.generate(ids(p), new_tokens, temperature=0) for p in prompts],
+                  "transformers greedy": lambda: [hf_greedy(theirs, ids(p), torch.ones_like(ids(p)), new_tokens)
+                                                  for p in prompts]}
     hf_out = contenders["transformers greedy"]()
     rows["identical"]["transformers"] = all(torch.equal(a, b) for a, b in zip(plain, hf_out))
     for name, drafter, kinds, first in (("draft", draft, ks, False), ("prompt lookup", "prompt", lookup_ks or ks, False),
@@ -109,7 +128,7 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
             stats, same = {"drafted": 0, "accepted": 0}, True
             for p, ref in zip(prompts, plain):
                 s = {}
-                out = decode.speculative_generate(target, torch.tensor([p]), new_tokens, drafter, k, temperature=0,
+                out = decode.speculative_generate(target, ids(p), new_tokens, drafter, k, temperature=0,
                                                   stats=s, lookup_first=first)
                 same &= torch.equal(out, ref)
                 stats["drafted"] += s["drafted"]
@@ -117,8 +136,8 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
             rows["identical"][label] = same
             rows["acceptance"][label] = stats["accepted"] / max(stats["drafted"], 1)
             contenders[label] = (lambda d=drafter, k=k, first=first: [decode.speculative_generate(
-                target, torch.tensor([p]), new_tokens, d, k, temperature=0, lookup_first=first) for p in prompts])
-    t = alternate(contenders, rounds)
+                target, ids(p), new_tokens, d, k, temperature=0, lookup_first=first) for p in prompts])
+    t = alternate({who: synced(fn, device) for who, fn in contenders.items()}, rounds)
     n = new_tokens * len(prompts)
     rows["tok_s"] = {who: n / sec for who, sec in t.items()}
     rows["speedup_vs_plain"] = {who: t["ours plain greedy"] / sec for who, sec in t.items()}
@@ -136,17 +155,18 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
 @torch.inference_mode()
 def bench_batched(model, prompt_pool, new_tokens, batches, rounds):
     """Tokens/s of decode.batched_generate and transformers' left-padded generate."""
-    theirs = hf_twin(model).eval()
+    device = model.tok_embeddings.weight.device
+    theirs = hf_twin(model).to(device).eval()
     rows = []
     for B in batches:
         prompts = prompt_pool[:B]
-        idx, real, _ = decode.left_pad(prompts, 0)
+        idx, real, _ = decode.left_pad(prompts, 0, device)
         mask = real.long()
         ours = decode.batched_generate(model, prompts, new_tokens, temperature=0)
         hf_out = hf_greedy(theirs, idx, mask, new_tokens)
         same = sum(o[len(p):] == h[-new_tokens:].tolist() for o, p, h in zip(ours, prompts, hf_out)) / B
-        t = alternate({"ours": lambda: decode.batched_generate(model, prompts, new_tokens, temperature=0),
-                       "transformers": lambda: hf_greedy(theirs, idx, mask, new_tokens)}, rounds)
+        t = alternate({"ours": synced(lambda: decode.batched_generate(model, prompts, new_tokens, temperature=0), device),
+                       "transformers": synced(lambda: hf_greedy(theirs, idx, mask, new_tokens), device)}, rounds)
         row = {"batch": B, "tok_s": {who: B * new_tokens / sec for who, sec in t.items()},
                "speedup_vs_transformers": t["transformers"] / t["ours"], "rows_identical_to_transformers": same}
         rows.append(row)
@@ -260,6 +280,7 @@ def main(argv=None):
     p.add_argument("--train_presets", default="debug,demo", help="presets of the train section")
     p.add_argument("--train_batch", type=int, default=8)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (speculative and batched; fp32 on both)")
     p.add_argument("--out", default="out/bench_decode.json")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -273,25 +294,35 @@ def main(argv=None):
     new = 8 if args.quick else args.new_tokens
     rounds = 1 if args.quick else args.rounds
     ks = [2, 4] if args.quick else [int(k) for k in args.ks.split(",")]
-    target, target_name = load_or_random(args.target, "demo", args.quick)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if device.type != "cpu" and sections - {"speculative", "batched"}:
+        print("error: on a GPU only the speculative and batched sections run (--only speculative,batched)",
+              file=sys.stderr)
+        sys.exit(1)
+    target, target_name = load_or_random(args.target, "demo", args.quick, device)
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "target": target_name,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "date": time.strftime("%Y-%m-%d"), "new_tokens": new}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, target {target_name}")
+    print(f"torch {torch.__version__}, {report['device']}, {torch.get_num_threads()} threads, target {target_name}")
     V = target.config.vocab_size
     if "speculative" in sections:
         torch.manual_seed(1)
-        draft, draft_name = load_or_random(args.draft, "demo_draft", args.quick)
+        draft, draft_name = load_or_random(args.draft, "demo_draft", args.quick, device)
         report["draft"] = draft_name
         decode.check_draft(target, draft, 1)
         prompts = prompts_from_data(args.dataset if not args.quick else "", 2 if args.quick else 4, [32], V)
         lookup_ks = [int(k) for k in args.lookup_ks.split(",")] if args.lookup_ks else None
-        report["speculative"] = bench_speculative(store_column_major(target), store_column_major(draft), prompts,
+        report["speculative"] = bench_speculative(for_decoding(target), for_decoding(draft), prompts,
                                                   new, ks, rounds, lookup_ks)
         report["speculative"]["verify_cost"] = verify_cost(target, rounds=rounds)
     if "batched" in sections:
         batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
         pool = prompts_from_data(args.dataset if not args.quick else "", max(batches), [8, 13, 21, 32, 17, 27], V)
-        report["batched"] = bench_batched(store_column_major(target), pool, new, batches, rounds)
+        report["batched"] = bench_batched(for_decoding(target), pool, new, batches, rounds)
     if "quant" in sections:
         c = target.config
         shape = (c.intermediate_size, c.n_embd)
