@@ -112,7 +112,7 @@ def verify_cost(model, positions=(1, 2, 3, 5, 9), context=64, rounds=5, reps=10)
 def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=None):
     """Greedy decoding of each prompt: plain, transformers, and speculative with k drafts."""
     device = target.tok_embeddings.weight.device
-    theirs = hf_twin(target).to(device).eval()
+    theirs = hf_twin(target).eval()
     ids = lambda p: torch.tensor([p], device=device)  # noqa: E731
     rows = {"acceptance": {}, "identical": {}}
     plain = [target.generate(ids(p), new_tokens, temperature=0) for p in prompts]
@@ -156,7 +156,7 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
 def bench_batched(model, prompt_pool, new_tokens, batches, rounds):
     """Tokens/s of decode.batched_generate and transformers' left-padded generate."""
     device = model.tok_embeddings.weight.device
-    theirs = hf_twin(model).to(device).eval()
+    theirs = hf_twin(model).eval()
     rows = []
     for B in batches:
         prompts = prompt_pool[:B]

@@ -188,7 +188,8 @@ def speculative_generate(model, idx, max_new_tokens, draft="prompt", num_specula
             n, nxt = verify_greedy(logits.argmax(-1).tolist(), drafts)
         elif drafts:
             p = token_probs(logits, temperature, top_k, top_p)
-            n, nxt = (int(t[0]) for t in verify(p[None], q[None].to(p.device), torch.tensor([drafts]), generator))
+            drafted = torch.tensor([drafts], device=p.device)
+            n, nxt = (int(t[0]) for t in verify(p[None], q[None].to(p.device), drafted, generator))
         else:
             nxt = int(torch.multinomial(token_probs(logits, temperature, top_k, top_p), 1, generator=generator))
             n = 0

@@ -50,11 +50,14 @@ def split_grad_accum(cfg, world, master):
     return cfg.grad_accum // world
 
 
-def compiles(cfg, device):
-    """--compile auto: on a GPU, where torch.compile made the training step 1.2-1.6x faster
-    (bench.py --device cuda on an H200: demo, 370M, tinyllama_1b); off on a CPU, where it
-    gains 1-8% and compiling takes about as long as that saves over a demo run."""
-    return cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+def compiles(cfg, device, world=1):
+    """--compile auto: on for one GPU without --grad_checkpoint, the setting where
+    torch.compile made the training step 1.2-1.6x faster (bench.py --device cuda on an
+    H200: demo, 370M, tinyllama_1b); off on a CPU, where it gains 1-8% and compiling takes
+    about as long as that saves over a demo run; off with several processes or activation
+    checkpointing, which were not measured (--compile true turns it on there)."""
+    measured = device.type == "cuda" and world == 1 and not cfg.grad_checkpoint
+    return cfg.compile == "true" or (cfg.compile == "auto" and measured)
 
 
 def wrap_model(model, cfg, world, device):
@@ -64,7 +67,7 @@ def wrap_model(model, cfg, world, device):
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
-    wrapped = torch.compile(model) if compiles(cfg, device) else model
+    wrapped = torch.compile(model) if compiles(cfg, device, world) else model
     if world > 1 and cfg.dist == "ddp":
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return wrapped

@@ -226,7 +226,8 @@ def main(argv=None):
                    help="store the blocks' linear layers quantized (quant.quantize_model)")
     p.add_argument("--quantized_decoding", default="cached", choices=["cached", "per_call"],
                    help="with --quantize: 'cached' keeps a dequantized copy of each quantized weight and decodes at "
-                   "fp32 speed (fp32 memory on top of the quantized storage, quant.cache_dequantized); 'per_call' "
+                   "about the unquantized speed (that copy's memory on top of the quantized storage, "
+                   "quant.cache_dequantized); 'per_call' "
                    "dequantizes inside every matmul: only the quantized storage, slower decoding")
     p.add_argument("--chat", action="store_true", help="a multi-turn conversation (align.py's chat template)")
     args = p.parse_args(argv)
@@ -245,8 +246,9 @@ def main(argv=None):
             store_column_major(model)
         if args.quantize and args.quantized_decoding == "cached":
             quant.cache_dequantized(model)
-            print(f"--quantize {args.quantize}: decoding from a cached dequantized copy of the weights (fp32 speed "
-                  f"and memory); --quantized_decoding per_call keeps only the quantized storage", file=sys.stderr)
+            print(f"--quantize {args.quantize}: decoding from a cached dequantized copy of the weights (about the "
+                  f"unquantized model's speed, and its memory on top); --quantized_decoding per_call keeps only the "
+                  f"quantized storage", file=sys.stderr)
         if args.eos_id is not None and not 0 <= args.eos_id < model.config.vocab_size:
             raise ValueError(f"--eos_id {args.eos_id} is not a token id of this model (0 .. "
                              f"{model.config.vocab_size - 1})")

@@ -79,7 +79,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
-    compile: str = "auto"  # torch.compile the model: auto = on a GPU (where it wins), off on a CPU
+    compile: str = "auto"  # torch.compile the model: auto = on one GPU (where it wins), off on a CPU
     grad_checkpoint: bool = False  # recompute each block in the backward pass: activations of one block, not all
     dist: str = "ddp"  # under torchrun: ddp or fsdp
     seed: int = 1337
@@ -165,8 +165,13 @@ def quick_caps(cfg):
 
 def parse_value(name, text, default):
     """Parse a command-line value by the type of the field's default (never eval'd)."""
-    if name == "compile" and isinstance(default, str) and text.lower() != "auto":  # auto, or a yes / no
-        return "true" if parse_value(name, text, True) else "false"
+    if name == "compile" and isinstance(default, str):  # auto, or a yes / no
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return "true" if parse_value(name, text, True) else "false"
+        except ValueError:
+            raise ValueError(f"--compile expects auto or a bool (true / false), got {text!r}") from None
     kind = type(default)
     try:
         if kind is bool:
@@ -419,7 +424,7 @@ def print_header(r):
           + (f" | peak {r.peak / 1e9:,.0f} GFLOP/s" if r.peak else ""))
     print_memory_estimate(config, cfg.batch_size, cfg.lora_r, bf16=r.dtype == torch.bfloat16,
                           grad_checkpoint=cfg.grad_checkpoint)
-    if compiles(cfg, r.device):
+    if compiles(cfg, r.device, r.world):
         print("compiling the model (the first iterations are slow)")
 
 

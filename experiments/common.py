@@ -55,8 +55,9 @@ def run(out_dir, s, *args, iters=None, eval_every=None):
 
 
 def same_settings(ckpt, cfg, model_args):
-    """Whether a cached run was made with these settings (paths aside: the folder may have moved)."""
-    paths = {"out_dir": "", "init_from": "", "resume": False}
+    """Whether a cached run was made with these settings (paths aside: the folder may have moved;
+    compile aside: it changes the speed, not what is trained, and was a yes / no before "auto")."""
+    paths = {"out_dir": "", "init_from": "", "resume": False, "compile": ""}
     return ({**ckpt["train_config"], **paths} == {**asdict(cfg), **paths}
             and all(ckpt["model_config"].get(k) == v for k, v in model_args.items()))
 
