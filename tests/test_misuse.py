@@ -286,9 +286,13 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_claim_one(char_dataset, mon
 
 
 def test_ctrl_c_in_sample_ends_the_stream_cleanly(trained):
+    # the child starts with Ctrl-C's default action even when pytest runs in the background,
+    # where the shell ignores SIGINT and its children inherit that (Python then never raises
+    # KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir", trained,
                              "--max_new_tokens", "100000", "--num_samples", "1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
     while proc.poll() is None and not proc.stdout.read(1):  # wait for the first streamed text
         pass

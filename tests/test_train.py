@@ -35,7 +35,7 @@ def test_overrides_are_parsed_by_type():
     (["--n_layers", "4"], "unknown option --n_layers; did you mean --n_layer"),
     (["--learning_rate", "fast"], "--learning_rate expects a float, got 'fast'"),
     (["--n_layer", "2.5"], "--n_layer expects a int"),
-    (["--compile", "maybe"], "--compile expects a bool"),
+    (["--compile", "maybe"], "--compile expects auto or a bool"),
     (["--dist", "horovod"], "--dist must be one of 'ddp', 'fsdp', got 'horovod'"),
     (["--batch_size", "0"], "batch_size must be >= 1"),
     (["--max_iters"], "--max_iters: expected one argument"),
