@@ -474,41 +474,36 @@ def bench_sweep(model_name, seq, batches, device, dtype, peak, budget, warmup=2,
     print(f"training sweep | {model_name} ({count_params(config):,} params), T = {seq}, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, fused AdamW, {steps} timed steps after {warmup}")
     rows = []
-    for ckpt in (False, True):
-        model.grad_checkpoint = ckpt  # train.py --grad_checkpoint: model.py checkpoints every block
-        for batch in batches:
-            est = estimate_memory(config, batch, seq, activation_bytes=2 if bf16 else 4, grad_checkpoint=ckpt)
-            row = {"batch": batch, "seq": seq, "grad_checkpoint": ckpt, "estimate_bytes": est["full"]["total"]}
-            try:
-                row.update(sweep_point(model, optimizer, batch, seq, device, autocast, peak, warmup, steps))
-            except torch.cuda.OutOfMemoryError:
-                row["result"] = "OOM"
-            if "result" in row:  # out of the except block: the failed step's tensors are free now
-                optimizer.zero_grad(set_to_none=True)
-                free_memory(device)
-            rows.append(row)
-            save(rows)
-            print_sweep_row(row)
-    model.grad_checkpoint = False
-    compiled = torch.compile(model, dynamic=False)  # shares the weights and the optimizer
-    for batch in compile_batches:
-        if not budget.allows(compile_cost(config), f"torch.compile at {batch}x{seq}"):
-            break
-        est = estimate_memory(config, batch, seq, activation_bytes=2 if bf16 else 4)
-        row = {"batch": batch, "seq": seq, "grad_checkpoint": False, "compiled": True,
-               "estimate_bytes": est["full"]["total"]}
-        try:  # the warm-up steps compile
-            row.update(sweep_point(compiled, optimizer, batch, seq, device, autocast, peak, warmup, steps))
+
+    def measure(step_model, batch, ckpt=False, compiled=False):
+        est = estimate_memory(config, batch, seq, activation_bytes=2 if bf16 else 4, grad_checkpoint=ckpt)
+        row = {"batch": batch, "seq": seq, "grad_checkpoint": ckpt, "estimate_bytes": est["full"]["total"],
+               **({"compiled": True} if compiled else {})}
+        try:  # with torch.compile the warm-up steps compile
+            row.update(sweep_point(step_model, optimizer, batch, seq, device, autocast, peak, warmup, steps))
         except torch.cuda.OutOfMemoryError:
             row["result"] = "OOM"
         except Exception as e:
+            if not compiled:
+                raise
             row["result"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-        if "result" in row:
+        if "result" in row:  # out of the except block: the failed step's tensors are free now
             optimizer.zero_grad(set_to_none=True)
             free_memory(device)
         rows.append(row)
         save(rows)
         print_sweep_row(row)
+
+    for ckpt in (False, True):
+        model.grad_checkpoint = ckpt  # train.py --grad_checkpoint: model.py checkpoints every block
+        for batch in batches:
+            measure(model, batch, ckpt)
+    model.grad_checkpoint = False
+    compiled = torch.compile(model, dynamic=False)  # shares the weights and the optimizer
+    for batch in compile_batches:
+        if not budget.allows(compile_cost(config), f"torch.compile at {batch}x{seq}"):
+            break
+        measure(compiled, batch, compiled=True)
     fastest = max((r for r in rows if "tok_s" in r and not r.get("compiled")), key=lambda r: r["tok_s"],
                   default=None)
     if fastest is None or not budget.allows(20, "the profile"):
