@@ -52,7 +52,7 @@ from torch import nn
 
 import peft
 import quant
-from checkpoint import atomic_write, load_checkpoint, read_json, save_checkpoint
+from checkpoint import atomic_write, json_lines, load_checkpoint, read_json, save_checkpoint
 import train
 from data.prepare import prepare, pydoc_corpus
 from data.tokenizer import load_tokenizer
@@ -715,13 +715,10 @@ def load_prefs(path, tokenizer, block_size):
         raise FileNotFoundError(f"preference file {path} not found")
     groups = {}
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for n, row in json_lines(f, path):
             try:
-                row = json.loads(line)
                 prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (KeyError, TypeError):
                 raise ValueError(f"{path} line {n}: expected a JSON object with prompt, chosen and rejected") from None
             if chosen == rejected:
                 raise ValueError(f"{path} line {n}: chosen and rejected responses are identical ({chosen!r}); a "

@@ -56,6 +56,18 @@ def read_json(path, what="file"):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
+def json_lines(f, path):
+    """(line number, object) for each non-blank line of an open JSON-lines file; a bad line
+    is one ValueError naming the file and the line."""
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def save_tensors(tensors, path, metadata=None):
     """A dict of tensors as one safetensors file, written atomically."""
     from safetensors.torch import save

@@ -43,6 +43,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from checkpoint import json_lines
 from runs import resolve_device
 from sample import load_model
 
@@ -158,13 +159,7 @@ def read_task(path):
     """Examples of a JSONL task file, checked line by line (a bad line names its number)."""
     docs = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        for n, doc in json_lines(f, path):
             docs.append(check_doc(doc, f"{path} line {n}"))
     if not any(d.get("split", "test") == "test" for d in docs):
         raise ValueError(f"{path}: no test examples (lines without \"split\" or with \"split\": \"test\")")

@@ -244,13 +244,8 @@ def read_pieces(path, text_field="text", piece_chars=1 << 23):
             if lines or first:
                 yield "".join(lines), first, True
             return
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i} is not JSON ({e.msg})") from None
+        from checkpoint import json_lines  # (imports torch: only for JSON-lines corpora)
+        for i, row in json_lines(f, path):
             if not isinstance(row, dict) or text_field not in row:
                 fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise ValueError(f"{path} line {i} has no {text_field!r} field (it has: {fields}); "
