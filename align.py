@@ -630,20 +630,6 @@ def load_pretrain_split(dataset, split):
     return np.memmap(os.path.join(dataset, f"{split}.bin"), dtype=meta["dtype"], mode="r")
 
 
-@torch.no_grad()
-def pretrain_val_loss(model, dataset, n_batches=8, batch_size=16, seed=0):
-    """Mean next-token loss on the pretraining data's validation split (the alignment tax)."""
-    data = load_pretrain_split(dataset, "val")
-    g = torch.Generator().manual_seed(seed)
-    was = model.training
-    model.eval()
-    dev = model.tok_embeddings.weight.device
-    losses = [model(*pretrain_batch(data, batch_size, model.config.block_size, g, dev))[1].item()
-              for _ in range(n_batches)]
-    model.train(was)
-    return sum(losses) / len(losses)
-
-
 # ----------------------------------------------------------------------------- step 1: SFT
 def run_sft(cfg):
     """InstructGPT step 1 / FLAN: cross-entropy on the response tokens of instruction examples."""

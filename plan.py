@@ -11,7 +11,7 @@ measured peak) use it. Every byte width is an argument, so its assumptions are o
     full  : weights + gradients (weight_bytes each) + AdamW's two fp32 moments (8 B);
             FSDP / ZeRO-3 (arXiv:1910.02054) shards the three over n_shards devices
     lora  : a frozen base in base_bytes, fp32 adapters with fp32 gradients and moments
-    qlora : the blocks' linears in NF4 + double quantization (quant.quantized_nbytes,
+    qlora : the blocks' linears in NF4 + double quantization (quantized_nbytes,
             QLoRA arXiv:2305.14314 section 3), the rest of the base in base_bytes
     + the activations autograd keeps for the backward pass (activation_bytes each); with
       activation checkpointing (Chen et al. 2016, arXiv:1604.06174; LLaMA section 2.4) a
@@ -34,6 +34,7 @@ hours per 300B tokens, 56% MFU. This file gives 3,472 hours (300e9 / 24,000 / 3,
 """
 
 import argparse
+import math
 import os
 import re
 import time
@@ -81,7 +82,7 @@ def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, 
     activations = activation_bytes * batch_size * T * activation_elements_per_token(config, grad_checkpoint)
     lora_params = L * sum(lora_r * (o + i) for o, i in shapes.values())
     adapters = {"weights": 4 * lora_params, "gradients": 4 * lora_params, "optimizer": 8 * lora_params}
-    nf4 = L * sum(quant.quantized_nbytes(o * i, o, "nf4-dq") for o, i in shapes.values())
+    nf4 = L * sum(quantized_nbytes(o * i, o, "nf4-dq") for o, i in shapes.values())
     modes = {
         "full": {"weights": weight_bytes * n / n_shards, "gradients": weight_bytes * n / n_shards,
                  "optimizer": 8 * n / n_shards},
@@ -267,6 +268,55 @@ def format_plan(p):
 
 
 # ----------------------------------------------------------------------------- the storage report
+# ----------------------------------------------------------------------------- the quantized storage report
+def quantized_nbytes(numel, out_features, method, blocksize=64):
+    """Bytes one block linear weight takes when stored with `method` (exact, from its shape)."""
+    if method in ("nf4", "nf4-dq"):
+        return quant.nf4_nbytes(numel, blocksize, method == "nf4-dq")
+    if method == "int8":
+        return numel + 4 * out_features  # int8 values + one fp32 absmax per output row
+    if method == "b1.58":
+        return math.ceil(numel / 4) + 4  # 2-bit ternary codes + one fp32 beta
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(quant.METHODS + ('b1.58',))}")
+
+
+def quant_report(model, method="nf4-dq", keep_dtype=torch.bfloat16, blocksize=64):
+    """Bytes of every tensor of a Transformer before (fp32, bf16) and after quantizing the
+    blocks' linear layers with `method`; the rest kept in keep_dtype (QLoRA keeps bf16).
+
+    Build the model on the meta device (`with torch.device("meta")`): shapes are all it
+    reads, so tinyllama_1b costs no memory.
+    Returns (rows, totals), each row a dict: name, shape, numel, fp32, bf16, after, method.
+    """
+    keep_size = torch.empty((), dtype=keep_dtype).element_size()
+    rows = []
+    for name, p in model.named_parameters():
+        quantized = name.startswith("layers.") and p.dim() == 2
+        after = quantized_nbytes(p.numel(), p.shape[0], method, blocksize) if quantized else p.numel() * keep_size
+        rows.append(dict(name=name, shape=tuple(p.shape), numel=p.numel(), fp32=4 * p.numel(), bf16=2 * p.numel(),
+                         after=after, method=method if quantized else "keep"))
+    totals = {key: sum(r[key] for r in rows) for key in ("numel", "fp32", "bf16", "after")}
+    return rows, totals
+
+
+def print_report(model, method="nf4-dq", name=""):
+    rows, totals = quant_report(model, method)
+    print(f"{name or 'model'}: blocks' linear layers in {method}, everything else in bf16")
+    print(f"{'tensor':<40} {'shape':>14} {'fp32 bytes':>14} {'bf16 bytes':>14} {'after':>14} {'bits/param':>10}")
+    for r in rows + [dict(name="total", shape="", **totals)]:
+        shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
+        print(f"{r['name']:<40} {shape:>14} {r['fp32']:>14,} {r['bf16']:>14,} {r['after']:>14,} "
+              f"{8 * r['after'] / r['numel']:>10.3f}")
+    quantized = [r for r in rows if r["method"] != "keep"]
+    linear_numel = sum(r["numel"] for r in quantized)
+    linear_bytes = sum(r["after"] for r in quantized)
+    print(f"\nblock linears: {linear_numel:,} params: fp32 {4 * linear_numel:,} B, bf16 {2 * linear_numel:,} B, "
+          f"{method} {linear_bytes:,} B = {8 * linear_bytes / linear_numel:.4f} bits/param")
+    print(f"whole model: fp32 {totals['fp32'] / 2**30:.3f} GiB | bf16 {totals['bf16'] / 2**30:.3f} GiB | "
+          f"{method} {totals['after'] / 2**30:.3f} GiB ({totals['after']:,} bytes)")
+    return rows, totals
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Bytes of every tensor of a preset, before and after quantizing "
                                 "its blocks' linear layers (quant.py), from shapes alone.")
@@ -275,7 +325,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     with torch.device("meta"):  # shapes only: no memory for the weights
         model = Transformer(ModelConfig.from_name(args.config))
-    quant.print_report(model, args.quant, args.config)
+    print_report(model, args.quant, args.config)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ NF4 + double quantization memory layout for a weight of n parameters, blocksize 
 
     w ~= NF4[c] * m,   m ~= q * s / 127 + offset      (4.5 -> ~4.127 bits/param)
 
-`python quant.py --report --config tinyllama_1b` prints every tensor's bytes before
-and after, computed from shapes on the meta device (no weights allocated).
+`python plan.py --config tinyllama_1b --quant nf4-dq` prints every tensor's bytes
+before and after, computed from shapes on the meta device (no weights allocated).
 """
 
 import math
@@ -487,52 +487,3 @@ def quantize_model(model, method, compute_dtype=None, blocksize=64):
     with torch.no_grad():
         replace_linears(model.layers, make)
     return model
-
-
-# ----------------------------------------------------------------------------- the memory report
-def quantized_nbytes(numel, out_features, method, blocksize=64):
-    """Bytes one block linear weight takes when stored with `method` (exact, from its shape)."""
-    if method in ("nf4", "nf4-dq"):
-        return nf4_nbytes(numel, blocksize, method == "nf4-dq")
-    if method == "int8":
-        return numel + 4 * out_features  # int8 values + one fp32 absmax per output row
-    if method == "b1.58":
-        return math.ceil(numel / 4) + 4  # 2-bit ternary codes + one fp32 beta
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS + ('b1.58',))}")
-
-
-def quant_report(model, method="nf4-dq", keep_dtype=torch.bfloat16, blocksize=64):
-    """Bytes of every tensor of a Transformer before (fp32, bf16) and after quantizing the
-    blocks' linear layers with `method`; the rest kept in keep_dtype (QLoRA keeps bf16).
-
-    Build the model on the meta device (`with torch.device("meta")`): shapes are all it
-    reads, so tinyllama_1b costs no memory.
-    Returns (rows, totals), each row a dict: name, shape, numel, fp32, bf16, after, method.
-    """
-    keep_size = torch.empty((), dtype=keep_dtype).element_size()
-    rows = []
-    for name, p in model.named_parameters():
-        quantized = name.startswith("layers.") and p.dim() == 2
-        after = quantized_nbytes(p.numel(), p.shape[0], method, blocksize) if quantized else p.numel() * keep_size
-        rows.append(dict(name=name, shape=tuple(p.shape), numel=p.numel(), fp32=4 * p.numel(), bf16=2 * p.numel(),
-                         after=after, method=method if quantized else "keep"))
-    totals = {key: sum(r[key] for r in rows) for key in ("numel", "fp32", "bf16", "after")}
-    return rows, totals
-
-
-def print_report(model, method="nf4-dq", name=""):
-    rows, totals = quant_report(model, method)
-    print(f"{name or 'model'}: blocks' linear layers in {method}, everything else in bf16")
-    print(f"{'tensor':<40} {'shape':>14} {'fp32 bytes':>14} {'bf16 bytes':>14} {'after':>14} {'bits/param':>10}")
-    for r in rows + [dict(name="total", shape="", **totals)]:
-        shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
-        print(f"{r['name']:<40} {shape:>14} {r['fp32']:>14,} {r['bf16']:>14,} {r['after']:>14,} "
-              f"{8 * r['after'] / r['numel']:>10.3f}")
-    quantized = [r for r in rows if r["method"] != "keep"]
-    linear_numel = sum(r["numel"] for r in quantized)
-    linear_bytes = sum(r["after"] for r in quantized)
-    print(f"\nblock linears: {linear_numel:,} params: fp32 {4 * linear_numel:,} B, bf16 {2 * linear_numel:,} B, "
-          f"{method} {linear_bytes:,} B = {8 * linear_bytes / linear_numel:.4f} bits/param")
-    print(f"whole model: fp32 {totals['fp32'] / 2**30:.3f} GiB | bf16 {totals['bf16'] / 2**30:.3f} GiB | "
-          f"{method} {totals['after'] / 2**30:.3f} GiB ({totals['after']:,} bytes)")
-    return rows, totals

@@ -96,7 +96,7 @@ class TrainConfig:
 
 CONFIGS = {
     "debug": TrainConfig(),
-    # the first command of the README: a 0.8M-parameter character model, ~3 minutes on 2 CPU cores
+    # the first command of the README: a 0.8M-parameter character model, ~2 minutes on 2 CPU cores
     "first": TrainConfig(model="first", out_dir="out/first", batch_size=16, max_iters=600, learning_rate=3e-3,
                          min_lr=3e-4, warmup_iters=30, eval_interval=200, eval_iters=10, sample_tokens=300),
     "demo": TrainConfig(model="demo", dataset="pydoc_bpe", out_dir="out/demo", batch_size=8, max_iters=600,

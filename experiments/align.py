@@ -47,6 +47,20 @@ def curve(out_dir, key):
 
 # ----------------------------------------------------------------------------- measurements
 @torch.no_grad()
+def pretrain_val_loss(model, dataset, n_batches=8, batch_size=16, seed=0):
+    """Mean next-token loss on the pretraining data's validation split (the alignment tax)."""
+    data = align.load_pretrain_split(dataset, "val")
+    g = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    dev = model.tok_embeddings.weight.device
+    losses = [model(*align.pretrain_batch(data, batch_size, model.config.block_size, g, dev))[1].item()
+              for _ in range(n_batches)]
+    model.train(was)
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
 def gold_win_rate(policy_dir, reference_dir, n_prompts=64, samples=2, seed=0, heldout="last,min",
                   max_new_tokens=16):
     """Gold win rate of one run's samples over another's on the same prompts (ties count half)."""
@@ -125,7 +139,7 @@ def main():
                                     "gold": curve(d["ppo_beta0"], "gold"), "kl": curve(d["ppo_beta0"], "kl")}
     results["grpo"] = {"reward": curve(d["grpo"], "reward"), "kl": curve(d["grpo"], "kl")}
     dataset = align.load_checkpoint(os.path.join(d["sft"], "ckpt.pt"))["train_config"]["dataset"]
-    results["alignment_tax"] = {name: align.pretrain_val_loss(align.load_policy(d[run], "cpu")[0], dataset)
+    results["alignment_tax"] = {name: pretrain_val_loss(align.load_policy(d[run], "cpu")[0], dataset)
                                 for name, run in (("base", "base"), ("sft", "sft"), ("gamma_0", "ppo"),
                                                   ("gamma_1", "ppo_ptx"))}
     results["bench"] = [bench_ppo(d["sft"], d["rm"], os.path.join(root, f"bench_{m or 'full'}"), m,

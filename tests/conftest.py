@@ -37,6 +37,16 @@ TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--n_kv_head", "2",
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses on a busy 2-core machine
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster on a CPU shared with other jobs (no
+    spinning). A test file opts in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_train(args, dataset):
     """train.py in-process on a tiny model; returns the history."""
     import train

@@ -262,13 +262,7 @@ def test_experiment_quick_smoke(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster on a machine shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def test_chat_keeps_the_kv_cache_across_turns(base):

@@ -17,13 +17,7 @@ from data.tokenizer import CharTokenizer
 from model import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and on a shared CPU far faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def sharp_model(seed, scale=20.0, **kw):

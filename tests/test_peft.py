@@ -20,13 +20,7 @@ from model import ModelConfig, Transformer
 import peft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a CPU shared by several jobs, one thread is many times faster than two spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 

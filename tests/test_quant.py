@@ -11,6 +11,7 @@ import torch
 import hf
 from torch import nn
 
+import plan
 import quant
 from conftest import ROOT, tiny_config
 from model import ModelConfig, Transformer
@@ -22,13 +23,7 @@ PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098
                  0.7229568362236023, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and on a shared CPU far faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 # ----------------------------------------------------------------------------- NF4
@@ -211,7 +206,7 @@ def test_quantize_model_replaces_block_linears_only_and_refuses_twice():
 def test_report_bytes_are_exact():
     config = tiny_config()
     with torch.device("meta"):
-        rows, totals = quant.quant_report(Transformer(config), "nf4-dq")
+        rows, totals = plan.quant_report(Transformer(config), "nf4-dq")
     model = quant.quantize_model(Transformer(config), "nf4-dq")
     stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     kept_fp32 = sum(r["numel"] for r in rows if r["method"] == "keep") * 2  # kept in bf16 in the report
@@ -221,7 +216,7 @@ def test_report_bytes_are_exact():
 
 def test_report_tinyllama_on_meta_device():
     with torch.device("meta"):
-        rows, totals = quant.quant_report(Transformer(ModelConfig.from_name("tinyllama_1b")), "nf4-dq")
+        rows, totals = plan.quant_report(Transformer(ModelConfig.from_name("tinyllama_1b")), "nf4-dq")
     assert totals["numel"] == 1_100_048_384
     assert totals["fp32"] == 4 * 1_100_048_384
     linear = sum(r["numel"] for r in rows if r["method"] == "nf4-dq")
