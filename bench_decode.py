@@ -28,9 +28,8 @@ import decode
 import quant
 from bench import alternate, hf_twin, synchronize, train_step
 from checkpoint import write_json
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, for_decoding
 from runs import resolve_device
-from sample import store_column_major
 from train import TrainConfig, make_optimizer
 
 
@@ -47,11 +46,6 @@ def load_or_random(out_dir, preset, quick, device="cpu"):
         return model.eval(), out_dir
     torch.manual_seed(0)
     return Transformer(ModelConfig.from_name("debug" if quick else preset)).to(device).eval(), f"random {preset}"
-
-
-def for_decoding(model):
-    """sample.store_column_major on a CPU (the layout its BLAS reads fastest); a GPU keeps nn.Linear's."""
-    return store_column_major(model) if model.tok_embeddings.weight.device.type == "cpu" else model
 
 
 def synced(fn, device):
@@ -202,9 +196,9 @@ def matvec_options(shape, rounds=20):
 def bench_quant(model, new_tokens, rounds, shape):
     """Batch-1 greedy tokens/s: fp32, int8 and NF4-DQ (dequantized per call; cached)."""
     idx = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    models = {"fp32": store_column_major(copy.deepcopy(model))}
+    models = {"fp32": for_decoding(copy.deepcopy(model))}
     for method in ("int8", "nf4-dq"):
-        q = store_column_major(quant.quantize_model(copy.deepcopy(model), method))  # the LM head, as sample.py
+        q = for_decoding(quant.quantize_model(copy.deepcopy(model), method))  # the LM head, as sample.py
         models[f"{method} dequantize per call"] = q
         models[f"{method} cached (cache_dequantized)"] = quant.cache_dequantized(copy.deepcopy(q))
     outs = {who: m.generate(idx, new_tokens, temperature=0) for who, m in models.items()}

@@ -21,14 +21,13 @@ from contextlib import nullcontext
 
 import torch
 
-from torch import nn
 
 import hf
 import llava
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
-from model import check_sampling_args, sample_next
+from model import check_sampling_args, for_decoding, sample_next
 from runs import load_adapter, load_run, resolve_device
 
 
@@ -81,29 +80,6 @@ def add_adapter(model, path, method=""):
         print("the adapter was trained with --peft qlora: storing the base in nf4-dq as it was", file=sys.stderr)
         quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(model.tok_embeddings.weight.device))
     return load_adapter(model, path)
-
-
-def column_major(w):
-    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
-    return w.t().contiguous().t()
-
-
-def store_column_major(model):
-    """For CPU decoding: keep each nn.Linear weight's (out, in) shape but lay its columns out contiguously.
-
-    Decoding one token multiplies a single vector by every weight matrix: the work is
-    reading 4 bytes per parameter, so memory bandwidth, not FLOPs, sets the speed. The
-    CPU BLAS reads a matrix faster in the x @ W^T product when W^T is the contiguous
-    one: the speed-up is measured by `python bench.py --only decode` (README, Performance);
-    training's large matmuls do not care. The
-    values, the shape and the state_dict are the same as nn.Linear's; only the strides
-    differ. A weight tied to the embedding stays row-major (lookups read its rows).
-    """
-    tied = model.tok_embeddings.weight
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight is not tied and m.weight.is_contiguous():
-            m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
-    return model
 
 
 def read_prompt(prompt):
@@ -242,8 +218,7 @@ def main(argv=None):
         if args.image:
             return sample_image(args, device)
         model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
-        if device.type == "cpu":
-            store_column_major(model)
+        for_decoding(model)  # on a CPU: the weight layout its BLAS reads fastest
         if args.quantize and args.quantized_decoding == "cached":
             quant.cache_dequantized(model)
             print(f"--quantize {args.quantize}: decoding from a cached dequantized copy of the weights (about the "

@@ -140,17 +140,17 @@ def test_initial_loss_is_log_vocab_and_residual_projections_are_scaled():
 
 
 def test_cpu_decoding_layout_keeps_values_and_state_dict():
-    """sample.store_column_major changes strides only: same logits, same state_dict."""
-    import sample
+    """model.for_decoding changes strides only: same logits, same state_dict."""
+    from model import for_decoding
     model = Transformer(tiny_config())
     x = torch.randint(0, 97, (2, 8))
     before, state = model(x)[0], {k: v.clone() for k, v in model.state_dict().items()}
-    sample.store_column_major(model)
+    for_decoding(model)
     wq = model.layers[0].attention.wq.weight  # (out, in) = (64, 64)
     assert wq.shape == (64, 64) and wq.stride() == (1, 64)  # columns contiguous
     assert torch.equal(model(x)[0], before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    tied = sample.store_column_major(Transformer(tiny_config(tie_embeddings=True)))
+    tied = for_decoding(Transformer(tiny_config(tie_embeddings=True)))
     assert tied.output.weight.is_contiguous()  # the embedding's rows are looked up: it stays row-major
 
 
