@@ -95,6 +95,21 @@ def test_resume_is_bit_identical(char_dataset, tmp_path):
     assert history["iter"] == list(range(20))
 
 
+def test_a_cpu_peak_measured_on_a_busy_machine_is_measured_again_once(char_dataset, tmp_path, monkeypatch,
+                                                                       capsys):
+    """MFU's CPU peak is measured at start-up; when a step outdoes it (the machine was busy
+    then), the next log measures it again, once, instead of printing MFU over 100%."""
+    import re
+    import train as train_module
+    peaks, calls = iter([1.0, 1e15]), []  # start-up: far too low; then the quiet machine's
+    monkeypatch.setattr(train_module, "peak_flops", lambda device, dtype: calls.append(device) or next(peaks))
+    cfg, model_args, explicit = parse_args(["--dataset", char_dataset, "--out_dir", str(tmp_path), "--max_iters", "3"]
+                                           + TINY)
+    train(cfg, model_args, explicit)
+    mfus = [float(m) for m in re.findall(r"mfu ([0-9.]+)%", capsys.readouterr().out)]
+    assert len(calls) == 2 and len(mfus) == 3 and max(mfus) < 1
+
+
 def test_resume_refuses_a_different_model(char_dataset, tmp_path):
     run_train(["--out_dir", str(tmp_path), "--max_iters", "2"], char_dataset)
     cfg, model_args, explicit = parse_args(["--out_dir", str(tmp_path), "--resume", "--n_layer", "3"])
