@@ -57,7 +57,7 @@ import train
 from data.prepare import prepare, pydoc_corpus
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer
-from runs import apply_peft, copy_tokenizer, load_run, resolve_device
+from runs import apply_peft, copy_tokenizer, exit_with_error, load_run, resolve_device
 
 USER, BOT, EOT = "\u24ca", "\u24b6", "\u2403"  # Ⓤ Ⓐ ␃: user turn, assistant turn, end of turn
 
@@ -1029,10 +1029,7 @@ def main(argv=None):
         else:
             STAGES[stage](cfg)
     except (ValueError, OSError) as e:
-        if os.environ.get("DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

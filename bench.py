@@ -48,7 +48,7 @@ from checkpoint import write_json
 from hf import config_to_hf, hf_module_name
 from model import ModelConfig, Transformer, column_major, count_params, flops_per_token
 from plan import device_spec, estimate_memory, format_bytes, peak_flops
-from runs import check_out_dir, resolve_device
+from runs import check_out_dir, exit_with_error, resolve_device
 from train import TrainConfig, make_optimizer
 
 # two training shapes: the demo preset and a larger one
@@ -810,8 +810,7 @@ def main():
         sections = check_sections(args, device)
         check_out_dir(args.out_dir, 0)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
     gpu = device.type == "cuda"
     rounds = 2 if args.quick else args.rounds or (3 if gpu else 5)
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,

@@ -29,7 +29,7 @@ import quant
 from bench import alternate, hf_twin, synchronize, train_step
 from checkpoint import write_json
 from model import ModelConfig, Transformer, for_decoding
-from runs import resolve_device
+from runs import exit_with_error, resolve_device
 from train import TrainConfig, make_optimizer
 
 
@@ -291,8 +291,7 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
     if device.type != "cpu" and sections - {"speculative", "batched"}:
         print("error: on a GPU only the speculative and batched sections run (--only speculative,batched)",
               file=sys.stderr)

@@ -31,14 +31,13 @@ sets its speed. Two ways past that bound, both exact:
 """
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from attention import causal_mask
 from model import check_sampling_args, for_decoding, sample_next, token_probs
-from runs import load_run
+from runs import exit_with_error, load_run
 
 
 # ----------------------------------------------------------------------------- verification
@@ -335,8 +334,7 @@ def main(argv=None):
             print(f"--- accepted {stats['accepted']}/{stats['drafted']} drafts ({stats['looked_up']} by prompt "
                   f"lookup), {stats['target_calls']} target passes for {out.shape[1] - len(ids)} tokens")
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import json_lines
-from runs import resolve_device
+from runs import exit_with_error, resolve_device
 from sample import load_model
 
 FEWSHOT_DELIMITER = "\n\n"  # between shots (GPT-3: "1 or 2 newlines")
@@ -357,8 +356,7 @@ def main(argv=None):
                                    batch_size=args.batch_size, max_gen_toks=args.max_gen_toks)
             result.pop("predictions", None)
     except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
     print(json.dumps(result, indent=1))
 
 

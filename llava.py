@@ -46,6 +46,7 @@ import hf
 import peft
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from model import ModelConfig, Transformer, sample_next
+from runs import exit_with_error
 
 # ----------------------------------------------------------------------------- scenes (the data)
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
@@ -736,8 +737,7 @@ def main(argv=None):
     try:
         pipeline(args.out_dir, s, args.projector, args.peft == "lora")
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ sample.py and the experiments all go through here.
 
 import os
 import shutil
+import sys
 
 import safetensors.torch
 import torch
@@ -39,6 +40,15 @@ def resolve_device(name):
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r} is not supported here; use auto, cpu or cuda")
     return device
+
+
+def exit_with_error(e):
+    """Every command line's end on bad input or a missing file: one line on stderr, exit
+    status 1. DEBUG=1 in the environment shows the traceback instead."""
+    if os.environ.get("DEBUG"):
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- rebuilding a model

@@ -28,7 +28,7 @@ import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
 from model import check_sampling_args, for_decoding, sample_next
-from runs import load_adapter, load_run, resolve_device
+from runs import exit_with_error, load_adapter, load_run, resolve_device
 
 
 class HFTokenizer:
@@ -243,8 +243,7 @@ def main(argv=None):
         print("\n(interrupted)", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

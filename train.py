@@ -47,7 +47,7 @@ from peft import PagedAdamW, parse_targets
 from distributed import (compiles, gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum,
                          state_dicts, wrap_model)
 from plan import check_epochs, check_fits, format_plan, peak_flops, plan, print_memory_estimate
-from runs import build_model, check_finite, check_out_dir, copy_tokenizer, plot_losses, save_adapter
+from runs import build_model, check_finite, check_out_dir, copy_tokenizer, exit_with_error, plot_losses, save_adapter
 
 
 # ----------------------------------------------------------------------------- config
@@ -588,10 +588,7 @@ def main(argv=None):
         print("interrupted before the first checkpoint of this run: nothing was saved", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
-        if os.environ.get("DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

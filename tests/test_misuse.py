@@ -230,6 +230,13 @@ def test_devices_are_one_line_in_every_tool(device, message, trained, char_datas
     assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
 
 
+def test_debug_1_shows_the_traceback_instead_of_the_line(trained, monkeypatch):
+    """runs.exit_with_error, every tool's end on bad input: DEBUG=1 raises the error itself."""
+    monkeypatch.setenv("DEBUG", "1")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        sample.main(["--out_dir", trained, "--device", "tpu"])
+
+
 # ----------------------------------------------------------------------------- 7. data
 def test_token_ids_beyond_the_vocabulary_are_found_when_the_dataset_opens(tmp_path, capsys):
     bad = tiny_dataset(str(tmp_path / "bad"), list(range(40)) * 50 + [45], list(range(40)) * 5)
