@@ -106,7 +106,8 @@ def test_sparse_model_paths_agree_and_the_cache_works():
 
 
 # ----------------------------------------------------------------------------- experiments
-@pytest.mark.parametrize("name", ["gqa_uptrain", "parallel_block", "sparse_attention", "scaling_laws", "visualize"])
+@pytest.mark.parametrize("name", ["gqa_uptrain", "parallel_block", "sparse_attention", "scaling_laws", "visualize",
+                                  "distill_draft"])
 def test_experiment_quick_run(name, tmp_path):
     """Each classroom experiment trains end to end at tiny sizes (in a fresh folder, so no
     cached run is reused) and writes its JSON and PNG."""
@@ -128,6 +129,12 @@ def test_experiment_quick_run(name, tmp_path):
         assert 0 < result["density_vs_causal"] < 1
     elif name == "scaling_laws":
         assert len(result["models"]) >= 2 and -2 < result["fit"]["alpha"] < 2  # a power law's exponent
+    elif name == "distill_draft":
+        assert result["identical_to_greedy"] is True  # every speculative output was plain greedy's
+        assert list(result["drafts"]) == ["prompt lookup", "pretrained", "more pretraining", "distilled"]
+        for row in (r for d in result["drafts"].values() for r in d["speculative"]):
+            # a target pass emits between one token and k + 1 (k accepted drafts and its own)
+            assert all(1 / (int(k) + 1) <= v["passes_per_token"] <= 1 for k, v in row.items())
     elif name == "visualize":
         freqs = result["rope_inv_freq"]  # theta_i = 10000^(-2i/d): 1 radian per position, then falling
         assert freqs[0] == 1.0 and all(a > b for a, b in zip(freqs, freqs[1:]))
