@@ -21,7 +21,6 @@ from contextlib import nullcontext
 
 import torch
 
-
 import hf
 import llava
 import quant

@@ -1,8 +1,8 @@
-"""A draft that agrees more: distilling the draft model of speculative decoding (DistillSpec,
-Zhou et al. 2023, arXiv:2310.08461, sections 3-4; sequence-level distillation, Kim & Rush
-2016, arXiv:1606.07947, section 3).
+"""A draft that agrees more: the draft model of speculative decoding distilled from its
+target (sequence-level knowledge distillation, Kim & Rush 2016, arXiv:1606.07947, section
+3; one of the recipes DistillSpec, Zhou et al. 2023, arXiv:2310.08461, compares).
 
-    python experiments/distill_draft.py           # about 5 minutes on a 2-core CPU
+    python experiments/distill_draft.py           # about 6 minutes on a 2-core CPU (4 once trained)
     python experiments/distill_draft.py --quick   # seconds (smoke test)
     python experiments/distill_draft.py --target out/demo --draft out/demo_draft   # a train.py pair
 
@@ -10,9 +10,11 @@ Speculative decoding gains in proportion to how often the target accepts the dra
 Greedy, a draft token is accepted when it is the target's own argmax; if each is with
 probability alpha, one target pass yields (1 - alpha^(k+1)) / (1 - alpha) tokens for k drafts
 (Leviathan et al. 2023, arXiv:2211.17192, section 3.1, eq. 1). A draft pretrained on the
-same text agrees with the target only as far as both fit that text. DistillSpec's point:
-train the draft on what the target itself generates (on-policy data), so it learns the
-target's choices rather than the text's.
+same text agrees with the target only as far as both fit that text. Trained on what the
+target itself generates, it learns the target's choices rather than the text's. (DistillSpec
+goes further: its best recipe trains on sequences the draft generates, scored by the
+target's whole distribution with a divergence chosen for the decoding strategy; EXERCISES.md,
+decode 7.)
 
 1. Pretrain a target (4 x 128) and a draft (1 x 64) on the char-level pydoc corpus
    (experiments/common.run: train.py, cached).
@@ -114,7 +116,7 @@ def speculative(target, draft, prompts, new, ks):
             same &= torch.equal(out, target.generate(p[None], new, temperature=0))
             drafted, accepted, passes = drafted + stats["drafted"], accepted + stats["accepted"], \
                 passes + stats["target_calls"]
-        rows[k] = {"acceptance": accepted / drafted, "passes_per_token": passes / (new * len(prompts))}
+        rows[k] = {"acceptance": accepted / max(drafted, 1), "passes_per_token": passes / (new * len(prompts))}
     return rows, same
 
 
@@ -163,9 +165,9 @@ def main():
     if bool(args.target) != bool(args.draft):
         p.error("give both --target and --draft, or neither")
     if args.target:
-        target, _, ckpt = load_run(args.target)
-        draft = load_run(args.draft)[0]
-        decode.check_draft(target, draft, 1)
+        target, tokenizer, ckpt = load_run(args.target)
+        draft, draft_tokenizer, _ = load_run(args.draft)
+        decode.check_draft(target, draft, 1, tokenizer, draft_tokenizer)
         dataset = parse_mixture(ckpt["train_config"]["dataset"])[0][0]  # a mixture's first source
     else:
         target, draft, dataset = pretrained_pair(args.quick)
