@@ -2,7 +2,7 @@
 target (sequence-level knowledge distillation, Kim & Rush 2016, arXiv:1606.07947, section
 3; one of the recipes DistillSpec, Zhou et al. 2023, arXiv:2310.08461, compares).
 
-    python experiments/distill_draft.py           # about 6 minutes on a 2-core CPU (4 once trained)
+    python experiments/distill_draft.py           # about 9 minutes on a 2-core CPU (8 once trained)
     python experiments/distill_draft.py --quick   # seconds (smoke test)
     python experiments/distill_draft.py --target out/demo --draft out/demo_draft   # a train.py pair
 
@@ -11,17 +11,19 @@ Greedy, a draft token is accepted when it is the target's own argmax; if each is
 probability alpha, one target pass yields (1 - alpha^(k+1)) / (1 - alpha) tokens for k drafts
 (Leviathan et al. 2023, arXiv:2211.17192, section 3.1, eq. 1). A draft pretrained on the
 same text agrees with the target only as far as both fit that text. Trained on what the
-target itself generates, it learns the target's choices rather than the text's. (DistillSpec
-goes further: its best recipe trains on sequences the draft generates, scored by the
-target's whole distribution with a divergence chosen for the decoding strategy; EXERCISES.md,
-decode 7.)
+target itself generates, it learns the target's choices rather than the text's. DistillSpec
+goes further: on-policy data (sequences the draft generates) scored by the target's whole
+distribution (a white-box divergence; the forward KL here), which is the third recipe.
 
 1. Pretrain a target (4 x 128) and a draft (1 x 64) on the char-level pydoc corpus
    (experiments/common.run: train.py, cached).
 2. Generate the target's greedy continuations of prompts cut from the training split.
 3. Fine-tune copies of the draft for the same steps on the same number of loss tokens:
-   on those continuations (distilled), and on ordinary training text (the control: as
-   much more training, no teacher). Each for --seeds seeds (which prompts, which order).
+   on those continuations (distilled: cross-entropy on the target's greedy tokens); on
+   the draft's own samples from the same prompts, with the forward KL to the target's
+   distribution at each position (on-policy KL, DistillSpec); and on ordinary training
+   text (the control: as much more training, no teacher). Each for --seeds seeds (which
+   prompts, which order).
 4. On prompts from the validation split, which no fine-tune saw: alpha, the draft's
    agreement with the target's argmax along the target's greedy path; and with
    decode.speculative_generate for k = 1, 2, 4, 8, the measured acceptance and target
@@ -41,6 +43,7 @@ import statistics
 from common import OUT, plt, run, sizes, write
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import decode  # noqa: E402
 from data.dataset import draw_windows, open_dataset, parse_mixture  # noqa: E402
@@ -93,6 +96,29 @@ def finetune(draft, sequences, prompt_len, steps, batch, lr, seed):
     return model.eval()
 
 
+def finetune_on_policy(target, draft, prompts, new, steps, batch, lr, seed):
+    """DistillSpec's recipe (Zhou et al. 2023, section 3: on-policy data, a white-box
+    divergence): each step the draft itself continues a batch of prompts, sampling at
+    temperature 1, and learns the target's whole next-token distribution at every position
+    of its own continuation, by the forward KL(p_target || q_draft) over the vocabulary. The
+    draft is taught where its own drafts go, not only along the target's path."""
+    model = copy.deepcopy(draft)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    P = prompts.shape[1]
+    for _ in range(steps):
+        rows = prompts[torch.randint(len(prompts), (batch,), generator=g)]  # (B, P)
+        with torch.no_grad():
+            seq = model.eval().generate(rows, new, temperature=1.0, generator=g)  # (B, P + new) the draft's own
+            log_p = F.log_softmax(target(seq[:, :-1])[0][:, P - 1:].float(), dim=-1)  # (B, new, V) target
+        log_q = F.log_softmax(model.train()(seq[:, :-1])[0][:, P - 1:].float(), dim=-1)  # (B, new, V) draft
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # KL(p || q) per position, averaged
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------- 4. agreement
 @torch.inference_mode()
 def agreement(draft, paths, prompt_len):
@@ -129,7 +155,7 @@ def plot(results):
     pyplot = plt()
     fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(10, 3.8))
     colors = {"prompt lookup": "tab:green", "pretrained": "gray", "more pretraining": "tab:blue",
-              "distilled": "tab:red"}
+              "distilled": "tab:red", "on-policy KL": "tab:purple"}
     names = [name for name in results["drafts"] if results["drafts"][name]["alpha"]]  # the draft models
     for i, name in enumerate(names):
         a = results["drafts"][name]["alpha"]
@@ -190,15 +216,17 @@ def main():
 
     measure("prompt lookup", ["prompt"])  # no draft model: n-grams of the context (decode.py)
     measure("pretrained", [draft])
-    more, distilled = [], []
+    more, distilled, on_policy = [], [], []
     for seed in range(seeds):
         prompts = windows(dataset, "train", c["distill_prompts"], P, seed=100 + seed)
         teacher = greedy_continuations(target, prompts, new)  # (N, P + new), the target's own choices
         text = windows(dataset, "train", c["distill_prompts"], P + new, seed=200 + seed)  # the same amount of text
         distilled.append(finetune(draft, teacher, P, c["steps"], c["batch"], c["lr"], seed))
         more.append(finetune(draft, text, P, c["steps"], c["batch"], c["lr"], seed))
+        on_policy.append(finetune_on_policy(target, draft, prompts, new, c["steps"], c["batch"], c["lr"], seed))
     measure("more pretraining", more)
     measure("distilled", distilled)
+    measure("on-policy KL", on_policy)
     if args.save_draft:
         from hf import save_llama
         save_llama(distilled[0], args.save_draft)

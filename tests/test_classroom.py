@@ -131,7 +131,8 @@ def test_experiment_quick_run(name, tmp_path):
         assert len(result["models"]) >= 2 and -2 < result["fit"]["alpha"] < 2  # a power law's exponent
     elif name == "distill_draft":
         assert result["identical_to_greedy"] is True  # every speculative output was plain greedy's
-        assert list(result["drafts"]) == ["prompt lookup", "pretrained", "more pretraining", "distilled"]
+        assert list(result["drafts"]) == ["prompt lookup", "pretrained", "more pretraining", "distilled",
+                                          "on-policy KL"]
         for row in (r for d in result["drafts"].values() for r in d["speculative"]):
             # a target pass emits between one token and k + 1 (k accepted drafts and its own)
             assert all(1 / (int(k) + 1) <= v["passes_per_token"] <= 1 for k, v in row.items())
