@@ -46,7 +46,8 @@ import quant
 from attention import KVCache
 from checkpoint import write_json
 from hf import config_to_hf, hf_module_name
-from model import ModelConfig, Transformer, column_major, count_params, flops_per_token
+from decode import column_major
+from model import ModelConfig, Transformer, count_params, flops_per_token
 from plan import device_spec, estimate_memory, format_bytes, peak_flops
 from runs import check_out_dir, exit_with_error, resolve_device
 from train import TrainConfig, make_optimizer

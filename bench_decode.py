@@ -28,7 +28,7 @@ import decode
 import quant
 from bench import alternate, hf_twin, synchronize, train_step
 from checkpoint import write_json
-from model import ModelConfig, Transformer, for_decoding
+from model import ModelConfig, Transformer
 from runs import exit_with_error, resolve_device
 from train import TrainConfig, make_optimizer
 
@@ -196,9 +196,9 @@ def matvec_options(shape, rounds=20):
 def bench_quant(model, new_tokens, rounds, shape):
     """Batch-1 greedy tokens/s: fp32, int8 and NF4-DQ (dequantized per call; cached)."""
     idx = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    models = {"fp32": for_decoding(copy.deepcopy(model))}
+    models = {"fp32": decode.for_decoding(copy.deepcopy(model))}
     for method in ("int8", "nf4-dq"):
-        q = for_decoding(quant.quantize_model(copy.deepcopy(model), method))  # the LM head, as sample.py
+        q = decode.for_decoding(quant.quantize_model(copy.deepcopy(model), method))  # the LM head, as sample.py
         models[f"{method} dequantize per call"] = q
         models[f"{method} cached (cache_dequantized)"] = quant.cache_dequantized(copy.deepcopy(q))
     outs = {who: m.generate(idx, new_tokens, temperature=0) for who, m in models.items()}
@@ -309,13 +309,13 @@ def main(argv=None):
         decode.check_draft(target, draft, 1)
         prompts = prompts_from_data(args.dataset if not args.quick else "", 2 if args.quick else 4, [32], V)
         lookup_ks = [int(k) for k in args.lookup_ks.split(",")] if args.lookup_ks else None
-        report["speculative"] = bench_speculative(for_decoding(target), for_decoding(draft), prompts,
+        report["speculative"] = bench_speculative(decode.for_decoding(target), decode.for_decoding(draft), prompts,
                                                   new, ks, rounds, lookup_ks)
         report["speculative"]["verify_cost"] = verify_cost(target, rounds=rounds)
     if "batched" in sections:
         batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
         pool = prompts_from_data(args.dataset if not args.quick else "", max(batches), [8, 13, 21, 32, 17, 27], V)
-        report["batched"] = bench_batched(for_decoding(target), pool, new, batches, rounds)
+        report["batched"] = bench_batched(decode.for_decoding(target), pool, new, batches, rounds)
     if "quant" in sections:
         c = target.config
         shape = (c.intermediate_size, c.n_embd)

@@ -34,10 +34,37 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from attention import causal_mask
-from model import check_sampling_args, for_decoding, sample_next, token_probs
+from model import check_sampling_args, sample_next, token_probs
 from runs import exit_with_error, load_run
+
+
+# ----------------------------------------------------------------------------- the weight layout on a CPU
+def column_major(w):
+    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
+    return w.t().contiguous().t()
+
+
+def for_decoding(model):
+    """Lay every nn.Linear weight's columns out contiguously before decoding on a CPU.
+
+    Decoding one token multiplies a single vector by every weight matrix: the work is
+    reading 4 bytes per parameter, so memory bandwidth, not FLOPs, sets the speed. The
+    CPU BLAS reads a matrix faster in the x @ W^T product when W^T is the contiguous
+    one (`python bench.py --only decode` measures it; README, Performance); training's
+    large products do not care. Values, shapes and the state_dict stay nn.Linear's; only
+    the strides change. A weight tied to the embedding stays row-major (lookups read its
+    rows); on a GPU nothing changes. Returns model.
+    """
+    tied = model.tok_embeddings.weight
+    if tied.device.type != "cpu":
+        return model
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight is not tied and m.weight.is_contiguous():
+            m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
+    return model
 
 
 # ----------------------------------------------------------------------------- verification

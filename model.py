@@ -370,32 +370,6 @@ def token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     return F.softmax(logits, dim=-1)
 
 
-# ----------------------------------------------------------------------------- decoding on a CPU
-def column_major(w):
-    """The same (out, in) matrix with strides (1, out): W^T is the contiguous one."""
-    return w.t().contiguous().t()
-
-
-def for_decoding(model):
-    """Lay every nn.Linear weight's columns out contiguously before decoding on a CPU.
-
-    Decoding one token multiplies a single vector by every weight matrix: the work is
-    reading 4 bytes per parameter, so memory bandwidth, not FLOPs, sets the speed. The
-    CPU BLAS reads a matrix faster in the x @ W^T product when W^T is the contiguous
-    one (`python bench.py --only decode` measures it; README, Performance); training's
-    large products do not care. Values, shapes and the state_dict stay nn.Linear's; only
-    the strides change. A weight tied to the embedding stays row-major (lookups read its
-    rows); on a GPU nothing changes. Returns model.
-    """
-    tied = model.tok_embeddings.weight
-    if tied.device.type != "cpu":
-        return model
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight is not tied and m.weight.is_contiguous():
-            m.weight = nn.Parameter(column_major(m.weight.detach()), m.weight.requires_grad)
-    return model
-
-
 # ----------------------------------------------------------------------------- parameters and FLOPs
 def block_linear_shapes(config):
     """(out, in) of each linear layer of one block: the one place the block's shapes are derived."""

@@ -338,7 +338,7 @@ def dequantized_for_inference(layer):
     batch 1 on a CPU). Kept dequantized, a quantized model decodes at the fp32 model's
     speed, with the fp32 weights' memory on top of the quantized storage: the trade is
     memory for speed, at inference. Stored column-major on a CPU, as
-    model.for_decoding does for nn.Linear. Rebuilt when a buffer is replaced or
+    decode.for_decoding does for nn.Linear. Rebuilt when a buffer is replaced or
     written in place (load_state_dict): the key is each buffer's address and version.
     """
     key = [(b.data_ptr(), -1 if b.is_inference() else b._version) for b in layer._buffers.values() if b is not None]

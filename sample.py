@@ -26,7 +26,8 @@ import llava
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
-from model import check_sampling_args, for_decoding, sample_next
+from decode import for_decoding
+from model import check_sampling_args, sample_next
 from runs import exit_with_error, load_adapter, load_run, resolve_device
 
 

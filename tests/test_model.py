@@ -140,8 +140,8 @@ def test_initial_loss_is_log_vocab_and_residual_projections_are_scaled():
 
 
 def test_cpu_decoding_layout_keeps_values_and_state_dict():
-    """model.for_decoding changes strides only: same logits, same state_dict."""
-    from model import for_decoding
+    """decode.for_decoding changes strides only: same logits, same state_dict."""
+    from decode import for_decoding
     model = Transformer(tiny_config())
     x = torch.randint(0, 97, (2, 8))
     before, state = model(x)[0], {k: v.clone() for k, v in model.state_dict().items()}
