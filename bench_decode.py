@@ -115,6 +115,11 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
                                                   for p in prompts]}
     hf_out = contenders["transformers greedy"]()
     rows["identical"]["transformers"] = all(torch.equal(a, b) for a, b in zip(plain, hf_out))
+    if device.type == "cuda":  # one step replayed from a CUDA graph (decode.GraphStep)
+        graphed = lambda: [torch.tensor(decode.batched_generate(target, [p], new_tokens, temperature=0,  # noqa: E731
+                                                                cuda_graph=True), device=device) for p in prompts]
+        rows["identical"]["ours CUDA graph greedy"] = all(torch.equal(a, b) for a, b in zip(plain, graphed()))
+        contenders["ours CUDA graph greedy"] = graphed
     for name, drafter, kinds, first in (("draft", draft, ks, False), ("prompt lookup", "prompt", lookup_ks or ks, False),
                                         ("lookup, else draft", draft, lookup_ks or ks, True)):
         for k in kinds:
@@ -138,10 +143,11 @@ def bench_speculative(target, draft, prompts, new_tokens, ks, rounds, lookup_ks=
     rows["speedup_vs_transformers"] = {who: t["transformers greedy"] / sec for who, sec in t.items()}
     print(f"speculative greedy decoding | {len(prompts)} prompts x {new_tokens} new tokens")
     for who in t:
-        acc = rows["acceptance"].get(who)
-        print(f"  {who:20s} {rows['tok_s'][who]:8.1f} tok/s  x{rows['speedup_vs_plain'][who]:.2f} plain  "
+        acc, same = rows["acceptance"].get(who), rows["identical"].get(who)
+        print(f"  {who:22s} {rows['tok_s'][who]:8.1f} tok/s  x{rows['speedup_vs_plain'][who]:.2f} plain  "
               f"x{rows['speedup_vs_transformers'][who]:.2f} transformers"
-              + (f"  acceptance {acc:.2f}  identical {rows['identical'][who]}" if acc is not None else ""))
+              + (f"  acceptance {acc:.2f}" if acc is not None else "")
+              + (f"  identical {same}" if same is not None else ""))
     return rows
 
 
@@ -159,14 +165,24 @@ def bench_batched(model, prompt_pool, new_tokens, batches, rounds):
         ours = decode.batched_generate(model, prompts, new_tokens, temperature=0)
         hf_out = hf_greedy(theirs, idx, mask, new_tokens)
         same = sum(o[len(p):] == h[-new_tokens:].tolist() for o, p, h in zip(ours, prompts, hf_out)) / B
-        t = alternate({"ours": synced(lambda: decode.batched_generate(model, prompts, new_tokens, temperature=0), device),
-                       "transformers": synced(lambda: hf_greedy(theirs, idx, mask, new_tokens), device)}, rounds)
+        contenders = {"ours": lambda: decode.batched_generate(model, prompts, new_tokens, temperature=0),
+                      "transformers": lambda: hf_greedy(theirs, idx, mask, new_tokens)}
+        if device.type == "cuda":  # one step replayed from a CUDA graph (decode.GraphStep)
+            contenders["ours CUDA graph"] = lambda: decode.batched_generate(model, prompts, new_tokens, temperature=0,
+                                                                            cuda_graph=True)
+        t = alternate({who: synced(fn, device) for who, fn in contenders.items()}, rounds)
         row = {"batch": B, "tok_s": {who: B * new_tokens / sec for who, sec in t.items()},
                "speedup_vs_transformers": t["transformers"] / t["ours"], "rows_identical_to_transformers": same}
+        line = (f"batched greedy | batch {B:3d}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens | "
+                f"ours {row['tok_s']['ours']:8.1f} tok/s, transformers {row['tok_s']['transformers']:8.1f} tok/s, "
+                f"x{row['speedup_vs_transformers']:.2f} | rows identical to transformers {same:.0%}")
+        if "ours CUDA graph" in t:
+            row["graph_vs_transformers"] = t["transformers"] / t["ours CUDA graph"]
+            row["graph_rows_identical"] = contenders["ours CUDA graph"]() == ours
+            line += (f" | CUDA graph {row['tok_s']['ours CUDA graph']:8.1f} tok/s, x{row['graph_vs_transformers']:.2f}"
+                     f" transformers, rows identical to ours {row['graph_rows_identical']}")
         rows.append(row)
-        print(f"batched greedy | batch {B:3d}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens | "
-              f"ours {row['tok_s']['ours']:8.1f} tok/s, transformers {row['tok_s']['transformers']:8.1f} tok/s, "
-              f"x{row['speedup_vs_transformers']:.2f} | rows identical to transformers {same:.0%}")
+        print(line)
     return rows
 
 

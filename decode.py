@@ -279,12 +279,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 @torch.inference_mode()
 def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                     pad_id=0, generator=None, n_vocab=None):
+                     pad_id=0, generator=None, n_vocab=None, cuda_graph=False):
     """Prompts of different lengths (lists of token ids) decoded together, left-padded.
 
     Returns one list per prompt: the prompt, then its new tokens up to and including its
     first eos_id (a finished row keeps decoding pads that nobody reads until every row is
     done). Greedy rows equal model.generate on each prompt alone (tests/test_decode.py).
+    cuda_graph: each decoding step is a GraphStep, replayed from a CUDA graph on a GPU.
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -302,22 +303,118 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
     B = idx.shape[0]
     caches = model.new_kv_caches(B)
     logits = forward_rows(model, idx, pos, key_real, caches)  # prefill, (B, L, V)
-    out = [list(p) for p in prompts]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = pos[:, -1:]  # (B, 1) each row's last position
+    graph_step = GraphStep(model, caches, key_real, pos) if cuda_graph else None
+    new_ids = []  # (B,) per step, kept on the device: reading one back would wait for the GPU
     for step in range(max_new_tokens):
         next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
-        for b in (~done).nonzero()[:, 0].tolist():
-            out[b].append(int(next_id[b]))
+        new_ids.append(next_id)
         if eos_id is not None:
             done |= next_id == eos_id
-        if done.all() or step == max_new_tokens - 1:
+            if done.all():
+                break
+        if step == max_new_tokens - 1:
             break
         next_id = next_id.masked_fill(done, pad_id)
+        if graph_step is not None:
+            logits = graph_step(next_id)[:, None]  # (B, 1, V)
+            continue
         key_real = torch.cat([key_real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         pos = pos + 1
         logits = forward_rows(model, next_id[:, None], pos, key_real, caches)  # (B, 1, V)
+    out = []
+    for prompt, new in zip(prompts, torch.stack(new_ids, dim=1).tolist()):
+        if eos_id in new:
+            new = new[:new.index(eos_id) + 1]
+        out.append(list(prompt) + new)
     return out
+
+
+# ----------------------------------------------------------------------------- one step, recorded once
+class SlotCache:
+    """A KVCache seen through a position held in a tensor: `update` writes the new keys and
+    values at cache slot `slot` (a (1,) tensor) and returns the whole preallocated buffer,
+    so no shape or Python number in the step changes from one token to the next."""
+
+    def __init__(self, cache, slot):
+        self.cache, self.slot = cache, slot
+
+    def update(self, k, v):  # k, v: (B, n_kv_head, 1, hd)
+        self.cache.k.index_copy_(2, self.slot, k)
+        self.cache.v.index_copy_(2, self.slot, v)
+        return self.cache.k, self.cache.v  # (B, n_kv_head, max_len, hd): the mask hides unwritten slots
+
+
+class GraphStep:
+    """One decoding step with fixed shapes, recorded into a CUDA graph once and replayed.
+
+    Batch-1 decoding of a small model on a GPU is bound by kernel launches, not by the
+    GPU: Python dispatches some ten kernels per layer, each taking microseconds to queue
+    and less to run (README, Performance). A CUDA graph records the step's kernels once
+    and launches all of them with one call, as gpt-fast does through torch.compile's
+    "reduce-overhead" mode. A replay repeats the recorded kernels on the recorded memory,
+    so every input lives in a buffer the loop overwrites in place: the token (B, 1), each
+    row's RoPE position (B, 1), the cache slot (1,) the new keys go to (the same for all
+    rows: left padding aligns them), and which slots hold real keys (B, max_len).
+    Attention reads the whole preallocated cache behind that mask, so its shape never
+    changes. On a CPU the same step runs eagerly (tests compare it with plain decoding).
+    """
+
+    def __init__(self, model, caches, key_real, pos):
+        """caches: filled by the prefill up to L = key_real.shape[1]; key_real (B, L) bool;
+        pos (B, 1): each row's last prompt position."""
+        B, L = key_real.shape
+        S, device = caches[0].k.shape[2], key_real.device
+        self.model = model
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.pos = pos.clone()  # (B, 1): advanced before each step
+        self.slot = torch.full((1,), L - 1, dtype=torch.long, device=device)  # advanced before each step
+        self.key_real = F.pad(key_real, (0, S - L))  # (B, S)
+        self.caches = [SlotCache(c, self.slot) for c in caches]
+        self.graph, self.logits = None, None
+
+    def step(self):
+        """What the graph records: the next token through every layer, logits (B, V)."""
+        m = self.model
+        self.key_real.index_fill_(1, self.slot, True)  # the new token is a key too
+        mask = self.key_real[:, None, None, :]  # (B, 1, 1, S): a row's query reads its real keys
+        x = m.tok_embeddings(self.token)  # (B, 1, C)
+        cos, sin = m.rope_cos[self.pos][:, None], m.rope_sin[self.pos][:, None]  # (B, 1, 1, hd)
+        for layer, cache in zip(m.layers, self.caches):
+            x = layer(x, cos, sin, cache, mask)
+        self.logits = m.output(m.norm(x))[:, -1]  # (B, V), the same buffer at every replay
+
+    def record(self):
+        """Warm up on a side stream (cuBLAS and the allocator set themselves up there), then
+        record one step. The warm-up writes this step's keys at this step's slot: the replay
+        writes the same values again."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # autocast must not reuse weights it cast outside the graph (torch.cuda.graph's documentation)
+        autocast = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
+            with torch.cuda.graph(self.graph):
+                self.step()
+
+    def __call__(self, token):
+        """token (B,): the tokens just chosen -> logits (B, V) for the position after them."""
+        self.token.copy_(token[:, None])
+        self.pos += 1
+        self.slot += 1
+        if self.token.device.type != "cuda":
+            self.step()
+        elif self.graph is None:
+            self.record()
+            self.graph.replay()
+        else:
+            self.graph.replay()
+        return self.logits
 
 
 # ----------------------------------------------------------------------------- command line

@@ -171,18 +171,47 @@ def test_speculative_sampling_matches_target_joint_distribution(lookup_first):
 
 
 # ----------------------------------------------------------------------------- batched generation
-def test_batched_equals_alone_greedy():
+@pytest.mark.parametrize("cuda_graph", [False, True])  # True: decode.GraphStep's fixed-shape step, run eagerly here
+def test_batched_equals_alone_greedy(cuda_graph):
     model = sharp_model(0)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 11, 1, 7, 11)]
     alone = [model.generate(torch.tensor([p]), 20, temperature=0)[0].tolist() for p in prompts]
-    assert decode.batched_generate(model, prompts, 20, temperature=0) == alone
+    assert decode.batched_generate(model, prompts, 20, temperature=0, cuda_graph=cuda_graph) == alone
     eos = alone[1][len(prompts[1]) + 4]  # the fifth new token of row 1 ends it; the others go on
-    out = decode.batched_generate(model, prompts, 20, temperature=0, eos_id=eos)
+    out = decode.batched_generate(model, prompts, 20, temperature=0, eos_id=eos, cuda_graph=cuda_graph)
     for row, prompt, ref in zip(out, prompts, alone):
         new = ref[len(prompt):]
         assert row == (prompt + new[:new.index(eos) + 1] if eos in new else ref)  # cut after its own eos
     assert len(out[1]) == len(prompts[1]) + 5
+
+
+def test_graph_step_writes_one_slot_and_reads_only_real_keys():
+    model = sharp_model(1)
+    prompts = [[5, 6, 7], [8]]
+    idx, key_real, pos = decode.left_pad(prompts, 0)
+    caches = model.new_kv_caches(2)
+    decode.forward_rows(model, idx, pos, key_real, caches)
+    before = caches[0].k.clone()
+    step = decode.GraphStep(model, caches, key_real, pos[:, -1:])
+    logits = step(torch.tensor([9, 9]))
+    changed = (caches[0].k != before).any(-1).any(1)  # (B, S): the slots written
+    assert changed.nonzero().tolist() == [[0, 3], [1, 3]]
+    assert step.key_real[:, :5].tolist() == [[True, True, True, True, False], [False, False, True, True, False]]
+    assert step.pos.tolist() == [[3], [1]] and step.slot.tolist() == [3]
+    alone = model(torch.tensor([[8, 9]]))[0][:, -1]  # row 1 alone: its pads are invisible
+    torch.testing.assert_close(logits[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
+    model = sharp_model(0).cuda().to(dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
+    eager = decode.batched_generate(model, prompts, 30, temperature=0)
+    assert decode.batched_generate(model, prompts, 30, temperature=0, cuda_graph=True) == eager
+    assert decode.batched_generate(model, prompts[:1], 30, temperature=0, cuda_graph=True) == eager[:1]
 
 
 def test_padding_mask_hides_pads_and_keeps_rows_finite():
