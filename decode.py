@@ -31,6 +31,7 @@ sets its speed. Two ways past that bound, both exact:
 """
 
 import argparse
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -285,7 +286,8 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
     Returns one list per prompt: the prompt, then its new tokens up to and including its
     first eos_id (a finished row keeps decoding pads that nobody reads until every row is
     done). Greedy rows equal model.generate on each prompt alone (tests/test_decode.py).
-    cuda_graph: each decoding step is a GraphStep, replayed from a CUDA graph on a GPU.
+    cuda_graph: each decoding step is the model's GraphStep, replayed from a CUDA graph on a
+    GPU (recorded at the first call with B prompts, reused by the next ones).
     """
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -301,11 +303,14 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
     if idx.min() < 0 or idx.max() >= model.config.vocab_size:
         raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
     B = idx.shape[0]
-    caches = model.new_kv_caches(B)
-    logits = forward_rows(model, idx, pos, key_real, caches)  # prefill, (B, L, V)
+    if cuda_graph:
+        step_fn = graph_step(model, B)
+        logits = step_fn.prefill(idx, key_real, pos)  # (B, L, V)
+    else:
+        caches = model.new_kv_caches(B)
+        logits = forward_rows(model, idx, pos, key_real, caches)  # prefill, (B, L, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = pos[:, -1:]  # (B, 1) each row's last position
-    graph_step = GraphStep(model, caches, key_real, pos) if cuda_graph else None
     new_ids = []  # (B,) per step, kept on the device: reading one back would wait for the GPU
     for step in range(max_new_tokens):
         next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
@@ -317,8 +322,8 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
         if step == max_new_tokens - 1:
             break
         next_id = next_id.masked_fill(done, pad_id)
-        if graph_step is not None:
-            logits = graph_step(next_id)[:, None]  # (B, 1, V)
+        if cuda_graph:
+            logits = step_fn(next_id)[:, None]  # (B, 1, V)
             continue
         key_real = torch.cat([key_real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         pos = pos + 1
@@ -358,21 +363,34 @@ class GraphStep:
     row's RoPE position (B, 1), the cache slot (1,) the new keys go to (the same for all
     rows: left padding aligns them), and which slots hold real keys (B, max_len).
     Attention reads the whole preallocated cache behind that mask, so its shape never
-    changes. On a CPU the same step runs eagerly (tests compare it with plain decoding).
+    changes. The step keeps its KV caches, so one recording serves every later call with
+    B prompts (graph_step). On a CPU the same step runs eagerly (tests compare it with
+    plain decoding).
     """
 
-    def __init__(self, model, caches, key_real, pos):
-        """caches: filled by the prefill up to L = key_real.shape[1]; key_real (B, L) bool;
-        pos (B, 1): each row's last prompt position."""
-        B, L = key_real.shape
-        S, device = caches[0].k.shape[2], key_real.device
-        self.model = model
+    def __init__(self, model, batch_size):
+        self.model = weakref.proxy(model)  # the step lives in _GRAPH_STEPS, keyed weakly by the model
+        self.kv = model.new_kv_caches(batch_size)  # KVCache per layer, (B, n_kv_head, max_len, hd)
+        B, S, device = batch_size, self.kv[0].k.shape[2], self.kv[0].k.device
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.pos = pos.clone()  # (B, 1): advanced before each step
-        self.slot = torch.full((1,), L - 1, dtype=torch.long, device=device)  # advanced before each step
-        self.key_real = F.pad(key_real, (0, S - L))  # (B, S)
-        self.caches = [SlotCache(c, self.slot) for c in caches]
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's RoPE position
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache slot of the new token
+        self.key_real = torch.zeros(B, S, dtype=torch.bool, device=device)  # slots holding real keys
+        self.caches = [SlotCache(c, self.slot) for c in self.kv]
         self.graph, self.logits = None, None
+
+    def prefill(self, idx, key_real, pos):
+        """The left-padded prompts (B, L) through the model eagerly, into the step's caches
+        (what an earlier call left there is masked out); returns their logits (B, L, V)."""
+        for c in self.kv:
+            c.length = 0
+        logits = forward_rows(self.model, idx, pos, key_real, self.kv)
+        L = idx.shape[1]
+        self.key_real.zero_()
+        self.key_real[:, :L] = key_real
+        self.pos.copy_(pos[:, -1:])  # advanced before each step
+        self.slot.fill_(L - 1)
+        return logits
 
     def step(self):
         """What the graph records: the next token through every layer, logits (B, V)."""
@@ -415,6 +433,22 @@ class GraphStep:
         else:
             self.graph.replay()
         return self.logits
+
+
+_GRAPH_STEPS = weakref.WeakKeyDictionary()  # model -> (key, its GraphStep), gone with the model
+
+
+def graph_step(model, batch_size):
+    """The model's GraphStep for batch_size: made and recorded once, then reused while the
+    batch size, the autocast setting and the weights' memory stay the same (a replay reads
+    the addresses it recorded; .to() or new parameters move them, and a new step is made).
+    One step, with its caches, is kept per model."""
+    key = (batch_size, torch.is_autocast_enabled(model.tok_embeddings.weight.device.type),
+           tuple(p.data_ptr() for p in model.parameters()))
+    kept = _GRAPH_STEPS.get(model)
+    if kept is None or kept[0] != key:
+        _GRAPH_STEPS[model] = kept = (key, GraphStep(model, batch_size))
+    return kept[1]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -188,19 +188,32 @@ def test_batched_equals_alone_greedy(cuda_graph):
 
 def test_graph_step_writes_one_slot_and_reads_only_real_keys():
     model = sharp_model(1)
-    prompts = [[5, 6, 7], [8]]
-    idx, key_real, pos = decode.left_pad(prompts, 0)
-    caches = model.new_kv_caches(2)
-    decode.forward_rows(model, idx, pos, key_real, caches)
-    before = caches[0].k.clone()
-    step = decode.GraphStep(model, caches, key_real, pos[:, -1:])
+    step = decode.GraphStep(model, 2)
+    step.prefill(*decode.left_pad([[1, 2, 3, 4, 6], [5]], 0))  # an earlier call's keys in slots 0-4
+    idx, key_real, pos = decode.left_pad([[5, 6, 7], [8]], 0)
+    step.prefill(idx, key_real, pos)
+    before = step.kv[0].k.clone()
     logits = step(torch.tensor([9, 9]))
-    changed = (caches[0].k != before).any(-1).any(1)  # (B, S): the slots written
+    changed = (step.kv[0].k != before).any(-1).any(1)  # (B, S): the slots written
     assert changed.nonzero().tolist() == [[0, 3], [1, 3]]
     assert step.key_real[:, :5].tolist() == [[True, True, True, True, False], [False, False, True, True, False]]
     assert step.pos.tolist() == [[3], [1]] and step.slot.tolist() == [3]
-    alone = model(torch.tensor([[8, 9]]))[0][:, -1]  # row 1 alone: its pads are invisible
+    alone = model(torch.tensor([[8, 9]]))[0][:, -1]  # row 1 alone: its pads and slot 4 are unread
     torch.testing.assert_close(logits[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_step_is_kept_and_remade_when_weights_move():
+    model = sharp_model(2)
+    first = decode.graph_step(model, 3)
+    assert decode.graph_step(model, 3) is first
+    assert decode.graph_step(model, 2) is not first  # another batch size: a new step
+    second = decode.graph_step(model, 2)
+    model.to(torch.float64)  # new parameter memory: the recorded addresses are stale
+    assert decode.graph_step(model, 2) is not second
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5]]
+    alone = [model.generate(torch.tensor([p]), 12, temperature=0)[0].tolist() for p in prompts]
+    for _ in range(2):  # the second call reuses the first one's step and caches
+        assert decode.batched_generate(model, prompts, 12, temperature=0, cuda_graph=True) == alone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
