@@ -278,7 +278,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                                 eos_id, generator, n_vocab, lookup_first=lookup_first)
 
 
-@torch.inference_mode()
 def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                      pad_id=0, generator=None, n_vocab=None, cuda_graph=False):
     """Prompts of different lengths (lists of token ids) decoded together, left-padded.
@@ -289,6 +288,21 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
     cuda_graph: each decoding step is the model's GraphStep, replayed from a CUDA graph on a
     GPU (recorded at the first call with B prompts, reused by the next ones).
     """
+    new_ids = list(batched_tokens(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+                                  generator, n_vocab, cuda_graph))  # (B,) per step, read back once at the end
+    out = []
+    for prompt, new in zip(prompts, torch.stack(new_ids, dim=1).tolist()):
+        if eos_id in new:
+            new = new[:new.index(eos_id) + 1]
+        out.append(list(prompt) + new)
+    return out
+
+
+@torch.inference_mode()
+def batched_tokens(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                   pad_id=0, generator=None, n_vocab=None, cuda_graph=False):
+    """batched_generate one step at a time: yields each step's tokens (B,), on the device
+    (sample.py streams them); a row past its eos_id yields tokens nobody should read."""
     check_sampling_args(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
@@ -311,16 +325,15 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
         logits = forward_rows(model, idx, pos, key_real, caches)  # prefill, (B, L, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = pos[:, -1:]  # (B, 1) each row's last position
-    new_ids = []  # (B,) per step, kept on the device: reading one back would wait for the GPU
     for step in range(max_new_tokens):
         next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
-        new_ids.append(next_id)
+        yield next_id
         if eos_id is not None:
             done |= next_id == eos_id
-            if done.all():
-                break
+            if done.all():  # reads a value back from the device: only when there is an eos_id to watch
+                return
         if step == max_new_tokens - 1:
-            break
+            return
         next_id = next_id.masked_fill(done, pad_id)
         if cuda_graph:
             logits = step_fn(next_id)[:, None]  # (B, 1, V)
@@ -328,12 +341,6 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
         key_real = torch.cat([key_real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         pos = pos + 1
         logits = forward_rows(model, next_id[:, None], pos, key_real, caches)  # (B, 1, V)
-    out = []
-    for prompt, new in zip(prompts, torch.stack(new_ids, dim=1).tolist()):
-        if eos_id in new:
-            new = new[:new.index(eos_id) + 1]
-        out.append(list(prompt) + new)
-    return out
 
 
 # ----------------------------------------------------------------------------- one step, recorded once

@@ -26,7 +26,7 @@ import llava
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
-from decode import for_decoding
+from decode import batched_tokens, for_decoding
 from model import check_sampling_args, sample_next
 from runs import exit_with_error, load_adapter, load_run, resolve_device
 
@@ -92,14 +92,32 @@ def read_prompt(prompt):
     return prompt
 
 
+def recordable(model, n_prompt, max_new_tokens):
+    """Whether decode's CUDA-graph step can decode this: on a GPU, a plain or LoRA model (no
+    prefix, sparse pattern or quantized layers) and a prompt plus new tokens within the context."""
+    c = model.config
+    return (model.tok_embeddings.weight.device.type == "cuda" and n_prompt + max_new_tokens <= c.block_size
+            and not (c.sparse_local or c.sparse_stride or c.bitlinear)
+            and not any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers)
+            and not any(isinstance(m, (quant.Int8Linear, quant.NF4Linear)) for m in model.modules()))
+
+
 def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
-    """Generate one sample, printing text as soon as it decodes to whole characters."""
+    """Generate one sample, printing text as soon as it decodes to whole characters. On a GPU
+    each step is replayed from a CUDA graph where it can be (decode.GraphStep: the same
+    tokens, several times faster for small models)."""
     x = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
     ids = list(prompt_ids)
     printed = tokenizer.decode(ids)
     out.write(printed)
-    for next_id in model.generate_tokens(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                         eos_id=args.eos_id, generator=generator, n_vocab=tokenizer.n_vocab):
+    sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if recordable(model, len(prompt_ids), args.max_new_tokens):
+        tokens = batched_tokens(model, [prompt_ids], *sampling, eos_id=args.eos_id, generator=generator,
+                                n_vocab=tokenizer.n_vocab, cuda_graph=True)
+    else:
+        tokens = model.generate_tokens(x, *sampling, eos_id=args.eos_id, generator=generator,
+                                       n_vocab=tokenizer.n_vocab)
+    for next_id in tokens:
         ids.append(int(next_id[0]))
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):  # a byte-level token may end inside a UTF-8 character

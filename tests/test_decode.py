@@ -217,14 +217,43 @@ def test_graph_step_is_kept_and_remade_when_weights_move():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast"])
 def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
-    model = sharp_model(0).cuda().to(dtype)
+    import sample
+    model = sharp_model(0).cuda()
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
-    eager = decode.batched_generate(model, prompts, 30, temperature=0)
-    assert decode.batched_generate(model, prompts, 30, temperature=0, cuda_graph=True) == eager
-    assert decode.batched_generate(model, prompts[:1], 30, temperature=0, cuda_graph=True) == eager[:1]
+    with torch.autocast("cuda", torch.bfloat16, enabled=dtype == "autocast"):  # sample.py's setting
+        eager = decode.batched_generate(model, prompts, 30, temperature=0)
+        for _ in range(2):  # recorded, then reused
+            assert decode.batched_generate(model, prompts, 30, temperature=0, cuda_graph=True) == eager
+        assert decode.batched_generate(model, prompts[:1], 30, temperature=0, cuda_graph=True) == eager[:1]
+    assert sample.recordable(model, 11, 30) and not sample.recordable(model, 11, 64)
+
+
+class SpacedTokenizer:
+    n_vocab = 97
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sample_streams_the_same_tokens_through_the_graph_step(monkeypatch, temperature):
+    import argparse
+    import io
+    import sample
+    model = sharp_model(3, scale=3.0)
+    args = argparse.Namespace(max_new_tokens=25, temperature=temperature, top_k=20, top_p=None, eos_id=None)
+    streams = []
+    for graph in (False, True):
+        monkeypatch.setattr(sample, "recordable", lambda *a: graph)  # on a CPU the step runs eagerly
+        out = io.StringIO()
+        ids = sample.stream(model, SpacedTokenizer(), [4, 8, 15], args, torch.Generator().manual_seed(5), out)
+        streams.append((ids, out.getvalue()))
+    assert streams[0] == streams[1] and len(streams[0][0]) == 28
 
 
 def test_padding_mask_hides_pads_and_keeps_rows_finite():
