@@ -28,6 +28,11 @@ sets its speed. Two ways past that bound, both exact:
 
         row 0:  _  _  a  b  c  | next      positions  0 0 0 1 2 | 3
         row 1:  d  e  f  g  h  | next      positions  0 1 2 3 4 | 5
+
+On a GPU a small model meets another bound first: launching its kernels one by one from
+Python takes longer than running them. GraphStep records one decoding step into a CUDA
+graph and replays it for every token (the same tokens; gpt-fast does this through
+torch.compile); for that, nothing in the step may change shape from token to token.
 """
 
 import argparse
@@ -447,11 +452,11 @@ _GRAPH_STEPS = weakref.WeakKeyDictionary()  # model -> (key, its GraphStep), gon
 
 def graph_step(model, batch_size):
     """The model's GraphStep for batch_size: made and recorded once, then reused while the
-    batch size, the autocast setting and the weights' memory stay the same (a replay reads
-    the addresses it recorded; .to() or new parameters move them, and a new step is made).
-    One step, with its caches, is kept per model."""
+    batch size, the autocast setting and the memory of the weights and buffers stay the
+    same (a replay reads the addresses it recorded; .to(), new parameters or reset_rope
+    move them, and a new step is made). One step, with its caches, is kept per model."""
     key = (batch_size, torch.is_autocast_enabled(model.tok_embeddings.weight.device.type),
-           tuple(p.data_ptr() for p in model.parameters()))
+           tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()]))
     kept = _GRAPH_STEPS.get(model)
     if kept is None or kept[0] != key:
         _GRAPH_STEPS[model] = kept = (key, GraphStep(model, batch_size))

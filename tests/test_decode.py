@@ -210,6 +210,9 @@ def test_graph_step_is_kept_and_remade_when_weights_move():
     second = decode.graph_step(model, 2)
     model.to(torch.float64)  # new parameter memory: the recorded addresses are stale
     assert decode.graph_step(model, 2) is not second
+    third = decode.graph_step(model, 2)
+    model.reset_rope()  # new RoPE tables (a longer context, another theta)
+    assert decode.graph_step(model, 2) is not third
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5]]
     alone = [model.generate(torch.tensor([p]), 12, temperature=0)[0].tolist() for p in prompts]
     for _ in range(2):  # the second call reuses the first one's step and caches
