@@ -669,7 +669,7 @@ def decode_case(name, ours, theirs, batch, prompt_len, new_tokens, rounds, devic
         calls["transformers static"] = static
     tokens = {who: fn() for who, fn in calls.items()}  # also each one's warm-up
     # resident bytes: the weights of the model each contender runs (its KV cache is made in the call;
-    # CUDA graphs' memory pool, kept between calls, is not counted)
+    # CUDA graphs' memory pools, and the KV cache decode.GraphStep keeps between calls, are not counted)
     peaks, weights = {}, {"ours": tensor_bytes(ours), "transformers": tensor_bytes(theirs)}
     t = alternate({who: measured(fn, device, peaks, who, weights[who.split(" ")[0]]) for who, fn in calls.items()},
                   rounds)

@@ -31,8 +31,9 @@ sets its speed. Two ways past that bound, both exact:
 
 On a GPU a small model meets another bound first: launching its kernels one by one from
 Python takes longer than running them. GraphStep records one decoding step into a CUDA
-graph and replays it for every token (the same tokens; gpt-fast does this through
-torch.compile); for that, nothing in the step may change shape from token to token.
+graph and replays it for every token, with the same tokens as eager decoding (gpt-fast
+does this through torch.compile); for that, nothing in the step may change shape from
+token to token.
 """
 
 import argparse
@@ -44,6 +45,7 @@ from torch import nn
 
 from attention import causal_mask
 from model import check_sampling_args, sample_next, token_probs
+from quant import BitLinear, Int8Linear, NF4Linear
 from runs import exit_with_error, load_run
 
 
@@ -295,8 +297,9 @@ def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None
     """
     new_ids = list(batched_tokens(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
                                   generator, n_vocab, cuda_graph))  # (B,) per step, read back once at the end
+    rows = torch.stack(new_ids, dim=1).tolist() if new_ids else [[] for _ in prompts]
     out = []
-    for prompt, new in zip(prompts, torch.stack(new_ids, dim=1).tolist()):
+    for prompt, new in zip(prompts, rows):
         if eos_id in new:
             new = new[:new.index(eos_id) + 1]
         out.append(list(prompt) + new)
@@ -313,6 +316,11 @@ def batched_tokens(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
     if any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers):
         raise ValueError("batched_generate does not support prefix-tuned models; use model.generate per prompt")
+    if model.config.sparse_local or model.config.sparse_stride:
+        raise ValueError("batched_generate does not apply sparse attention patterns; use model.generate per prompt")
+    if cuda_graph and not recordable(model):
+        raise ValueError("cuda_graph=True records plain and LoRA models only (not quantized or BitLinear layers, "
+                         "whose Python-side caches a replay cannot see); pass cuda_graph=False")
     longest, block = max(len(p) for p in prompts), model.config.block_size
     if longest + max_new_tokens > block:
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
@@ -322,30 +330,39 @@ def batched_tokens(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
     if idx.min() < 0 or idx.max() >= model.config.vocab_size:
         raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
     B = idx.shape[0]
-    if cuda_graph:
+    if cuda_graph:  # the step recorded once and replayed: GraphStep, below
         step_fn = graph_step(model, B)
+        if step_fn.busy:
+            raise ValueError("another cuda_graph=True generation with this model and batch size is still running "
+                             "(they would share one KV cache); finish it first or pass cuda_graph=False")
         logits = step_fn.prefill(idx, key_real, pos)  # (B, L, V)
     else:
         caches = model.new_kv_caches(B)
         logits = forward_rows(model, idx, pos, key_real, caches)  # prefill, (B, L, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = pos[:, -1:]  # (B, 1) each row's last position
-    for step in range(max_new_tokens):
-        next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
-        yield next_id
-        if eos_id is not None:
-            done |= next_id == eos_id
-            if done.all():  # reads a value back from the device: only when there is an eos_id to watch
-                return
-        if step == max_new_tokens - 1:
-            return
-        next_id = next_id.masked_fill(done, pad_id)
+    try:
         if cuda_graph:
-            logits = step_fn(next_id)[:, None]  # (B, 1, V)
-            continue
-        key_real = torch.cat([key_real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        pos = pos + 1
-        logits = forward_rows(model, next_id[:, None], pos, key_real, caches)  # (B, 1, V)
+            step_fn.busy = True
+        for step in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
+            yield next_id
+            if eos_id is not None:
+                done |= next_id == eos_id
+                if done.all():  # reads a value back from the device: only when there is an eos_id to watch
+                    return
+            if step == max_new_tokens - 1:
+                return
+            next_id = next_id.masked_fill(done, pad_id)
+            if cuda_graph:
+                logits = step_fn(next_id)[:, None]  # (B, 1, V)
+                continue
+            key_real = torch.cat([key_real, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            pos = pos + 1
+            logits = forward_rows(model, next_id[:, None], pos, key_real, caches)  # (B, 1, V)
+    finally:
+        if cuda_graph:
+            step_fn.busy = False
 
 
 # ----------------------------------------------------------------------------- one step, recorded once
@@ -390,6 +407,7 @@ class GraphStep:
         self.key_real = torch.zeros(B, S, dtype=torch.bool, device=device)  # slots holding real keys
         self.caches = [SlotCache(c, self.slot) for c in self.kv]
         self.graph, self.logits = None, None
+        self.busy = False  # a generation is using the caches (batched_tokens)
 
     def prefill(self, idx, key_real, pos):
         """The left-padded prompts (B, L) through the model eagerly, into the step's caches
@@ -450,13 +468,32 @@ class GraphStep:
 _GRAPH_STEPS = weakref.WeakKeyDictionary()  # model -> (key, its GraphStep), gone with the model
 
 
+def recordable(model):
+    """Whether a replay can stand for the model's forward: plain and LoRA layers only.
+    A quantized layer's cached dequantized weight and BitLinear's are Python-side state
+    that graph_step's key cannot see."""
+    return not any(isinstance(m, (BitLinear, Int8Linear, NF4Linear)) for m in model.modules())
+
+
+def settings(model):
+    """What a recorded step has frozen besides tensor addresses: every module's plain Python
+    settings (training, LoRA's merged and scaling, attn_impl, ...) and each tensor's dtype
+    and shape."""
+    flags = tuple((k, v) for m in model.modules() for k, v in vars(m).items()
+                  if isinstance(v, (bool, int, float, str)))
+    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in [*model.parameters(), *model.buffers()])
+    return flags, tensors
+
+
 def graph_step(model, batch_size):
     """The model's GraphStep for batch_size: made and recorded once, then reused while the
-    batch size, the autocast setting and the memory of the weights and buffers stay the
-    same (a replay reads the addresses it recorded; .to(), new parameters or reset_rope
-    move them, and a new step is made). One step, with its caches, is kept per model."""
-    key = (batch_size, torch.is_autocast_enabled(model.tok_embeddings.weight.device.type),
-           tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()]))
+    batch size, autocast and the model's settings (above) stay the same. A replay reads
+    the addresses it recorded and repeats the kernels it recorded: .to(), new parameters,
+    reset_rope, merging LoRA or model.train() each make a new step. Weights changed in
+    place (an optimizer step, load_state_dict) are read as they are now. One step, with its
+    KV caches, is kept per model while the model lives."""
+    device = model.tok_embeddings.weight.device.type
+    key = (batch_size, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), settings(model))
     kept = _GRAPH_STEPS.get(model)
     if kept is None or kept[0] != key:
         _GRAPH_STEPS[model] = kept = (key, GraphStep(model, batch_size))

@@ -21,12 +21,13 @@ from contextlib import nullcontext
 
 import torch
 
+import decode
 import hf
 import llava
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
-from decode import batched_tokens, for_decoding
+from decode import for_decoding
 from model import check_sampling_args, sample_next
 from runs import exit_with_error, load_adapter, load_run, resolve_device
 
@@ -93,13 +94,13 @@ def read_prompt(prompt):
 
 
 def recordable(model, n_prompt, max_new_tokens):
-    """Whether decode's CUDA-graph step can decode this: on a GPU, a plain or LoRA model (no
-    prefix, sparse pattern or quantized layers) and a prompt plus new tokens within the context."""
+    """Whether decode's CUDA-graph step can decode this: on a GPU, a plain or LoRA model
+    (decode.recordable) without a prefix or a sparse pattern, and a prompt plus new tokens
+    within the context."""
     c = model.config
     return (model.tok_embeddings.weight.device.type == "cuda" and n_prompt + max_new_tokens <= c.block_size
-            and not (c.sparse_local or c.sparse_stride or c.bitlinear)
-            and not any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers)
-            and not any(isinstance(m, (quant.Int8Linear, quant.NF4Linear)) for m in model.modules()))
+            and not (c.sparse_local or c.sparse_stride) and decode.recordable(model)
+            and not any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers))
 
 
 def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
@@ -112,8 +113,8 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     out.write(printed)
     sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if recordable(model, len(prompt_ids), args.max_new_tokens):
-        tokens = batched_tokens(model, [prompt_ids], *sampling, eos_id=args.eos_id, generator=generator,
-                                n_vocab=tokenizer.n_vocab, cuda_graph=True)
+        tokens = decode.batched_tokens(model, [prompt_ids], *sampling, eos_id=args.eos_id, generator=generator,
+                                       n_vocab=tokenizer.n_vocab, cuda_graph=True)
     else:
         tokens = model.generate_tokens(x, *sampling, eos_id=args.eos_id, generator=generator,
                                        n_vocab=tokenizer.n_vocab)

@@ -202,21 +202,49 @@ def test_graph_step_writes_one_slot_and_reads_only_real_keys():
     torch.testing.assert_close(logits[1:], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_graph_step_is_kept_and_remade_when_weights_move():
+def test_graph_step_is_kept_and_remade_when_the_model_changes():
+    import peft
     model = sharp_model(2)
     first = decode.graph_step(model, 3)
     assert decode.graph_step(model, 3) is first
     assert decode.graph_step(model, 2) is not first  # another batch size: a new step
-    second = decode.graph_step(model, 2)
-    model.to(torch.float64)  # new parameter memory: the recorded addresses are stale
-    assert decode.graph_step(model, 2) is not second
-    third = decode.graph_step(model, 2)
-    model.reset_rope()  # new RoPE tables (a longer context, another theta)
-    assert decode.graph_step(model, 2) is not third
+    changes = [lambda: model.to(torch.float64),  # new parameter memory: the recorded addresses are stale
+               model.reset_rope,  # new RoPE tables (a longer context, another theta)
+               model.train, model.eval,  # dropout on or off
+               lambda: peft.apply_lora(model, r=2, targets=("q", "v")),  # new modules
+               lambda: peft.merge_lora(model)]  # same addresses, another path through LoRALinear
+    for change in changes:
+        before = decode.graph_step(model, 2)
+        change()
+        assert decode.graph_step(model, 2) is not before
+    before = decode.graph_step(model, 2)
+    with torch.autocast("cpu", torch.bfloat16):  # another dtype for the matmuls and the KV cache
+        assert decode.graph_step(model, 2) is not before
+    with torch.autocast("cpu", torch.float16):
+        assert decode.graph_step(model, 2).kv[0].k.dtype == torch.float16
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5]]
     alone = [model.generate(torch.tensor([p]), 12, temperature=0)[0].tolist() for p in prompts]
+    first = None
     for _ in range(2):  # the second call reuses the first one's step and caches
         assert decode.batched_generate(model, prompts, 12, temperature=0, cuda_graph=True) == alone
+        first = first or decode.graph_step(model, 3)
+        assert decode.graph_step(model, 3) is first
+
+
+def test_graph_path_refuses_what_it_cannot_replay():
+    model = sharp_model(4)
+    running = decode.batched_tokens(model, [[1, 2]], 5, temperature=0, cuda_graph=True)
+    next(running)
+    with pytest.raises(ValueError, match="still running"):  # they would share one KV cache
+        next(decode.batched_tokens(model, [[3]], 5, temperature=0, cuda_graph=True))
+    running.close()  # finished or dropped: the step is free again
+    assert decode.batched_generate(model, [[3]], 2, temperature=0, cuda_graph=True)[0][0] == 3
+    with pytest.raises(ValueError, match="plain and LoRA models only"):
+        decode.batched_generate(quant.quantize_model(sharp_model(4), "int8"), [[1]], 3, cuda_graph=True)
+    sparse = Transformer(tiny_config(sparse_local=4, sparse_stride=4))
+    with pytest.raises(ValueError, match="sparse attention"):
+        decode.batched_generate(sparse, [[1, 2]], 3)
+    assert decode.batched_generate(model, [[1, 2], [3]], 0) == [[1, 2], [3]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -232,7 +260,11 @@ def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
         eager = decode.batched_generate(model, prompts, 30, temperature=0)
         for _ in range(2):  # recorded, then reused
             assert decode.batched_generate(model, prompts, 30, temperature=0, cuda_graph=True) == eager
+        assert decode.graph_step(model, len(prompts)).graph is not None  # a CUDA graph was recorded
         assert decode.batched_generate(model, prompts[:1], 30, temperature=0, cuda_graph=True) == eager[:1]
+        eos = eager[1][len(prompts[1]) + 4]  # row 1 ends early; the finished row is fed pads in the replay
+        assert decode.batched_generate(model, prompts, 30, temperature=0, eos_id=eos, cuda_graph=True) == \
+            decode.batched_generate(model, prompts, 30, temperature=0, eos_id=eos)
     assert sample.recordable(model, 11, 30) and not sample.recordable(model, 11, 64)
 
 
