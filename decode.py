@@ -46,7 +46,7 @@ from torch import nn
 from attention import causal_mask
 from model import check_sampling_args, sample_next, token_probs
 from quant import BitLinear, Int8Linear, NF4Linear
-from runs import exit_with_error, load_run
+from runs import exit_with_error, load_run, resolve_device
 
 
 # ----------------------------------------------------------------------------- the weight layout on a CPU
@@ -514,27 +514,32 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (fp32 on both; on a GPU batched "
+                   "generation replays each step from a CUDA graph)")
     args = p.parse_args(argv)
     try:
         if args.draft:
             check_draft(None, "prompt", args.num_speculative)  # k before loading anything
-        model, tokenizer, _ = load_run(args.out_dir)
+        device = resolve_device(args.device)
+        model, tokenizer, _ = load_run(args.out_dir, device)
         for_decoding(model.eval())  # on a CPU: the weight layout its BLAS reads fastest
         prompts = [tokenizer.encode(text) for text in (args.prompt or ["\n"])]
-        generator = torch.Generator().manual_seed(args.seed)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
         if not args.draft:
+            graph = device.type == "cuda" and recordable(model)
             for ids in batched_generate(model, prompts, args.max_new_tokens, args.temperature,
-                                        eos_id=tokenizer.eot_token, generator=generator, n_vocab=tokenizer.n_vocab):
+                                        eos_id=tokenizer.eot_token, generator=generator, n_vocab=tokenizer.n_vocab,
+                                        cuda_graph=graph):
                 print(tokenizer.decode(ids), "\n---")
             return
         draft = "prompt"
         if args.draft != "prompt":
-            draft, draft_tokenizer, _ = load_run(args.draft)
+            draft, draft_tokenizer, _ = load_run(args.draft, device)
             check_draft(model, draft, args.num_speculative, tokenizer, draft_tokenizer)
             for_decoding(draft.eval())
         for ids in prompts:
             stats = {}
-            out = speculative_generate(model, torch.tensor([ids]), args.max_new_tokens, draft, args.num_speculative,
+            out = speculative_generate(model, torch.tensor([ids], device=device), args.max_new_tokens, draft, args.num_speculative,
                                        args.temperature, eos_id=tokenizer.eot_token, generator=generator,
                                        n_vocab=tokenizer.n_vocab, stats=stats, lookup_first=args.lookup_first)
             print(tokenizer.decode(out[0].tolist()))
