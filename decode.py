@@ -285,6 +285,25 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                                 eos_id, generator, n_vocab, lookup_first=lookup_first)
 
 
+def check_batch(model, prompts, max_new_tokens, cuda_graph):
+    """One clear error for each batch that batched generation cannot decode as asked."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if any(not 0 <= t < model.config.vocab_size for p in prompts for t in p):
+        raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
+    if any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers):
+        raise ValueError("batched_generate does not support prefix-tuned models; use model.generate per prompt")
+    if model.config.sparse_local or model.config.sparse_stride:
+        raise ValueError("batched_generate does not apply sparse attention patterns; use model.generate per prompt")
+    if cuda_graph and not recordable(model):
+        raise ValueError("cuda_graph=True records plain and LoRA models only (not quantized or BitLinear layers, "
+                         "whose Python-side caches a replay cannot see); pass cuda_graph=False")
+    longest, block = max(len(p) for p in prompts), model.config.block_size
+    if longest + max_new_tokens > block:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"context block_size={block}; shorten the prompts or ask for fewer tokens")
+
+
 def batched_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                      pad_id=0, generator=None, n_vocab=None, cuda_graph=False):
     """Prompts of different lengths (lists of token ids) decoded together, left-padded.
@@ -312,23 +331,9 @@ def batched_tokens(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
     """batched_generate one step at a time: yields each step's tokens (B,), on the device
     (sample.py streams them); a row past its eos_id yields tokens nobody should read."""
     check_sampling_args(temperature, top_k, top_p)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    if any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers):
-        raise ValueError("batched_generate does not support prefix-tuned models; use model.generate per prompt")
-    if model.config.sparse_local or model.config.sparse_stride:
-        raise ValueError("batched_generate does not apply sparse attention patterns; use model.generate per prompt")
-    if cuda_graph and not recordable(model):
-        raise ValueError("cuda_graph=True records plain and LoRA models only (not quantized or BitLinear layers, "
-                         "whose Python-side caches a replay cannot see); pass cuda_graph=False")
-    longest, block = max(len(p) for p in prompts), model.config.block_size
-    if longest + max_new_tokens > block:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
-                         f"context block_size={block}; shorten the prompts or ask for fewer tokens")
+    check_batch(model, prompts, max_new_tokens, cuda_graph)
     device = model.tok_embeddings.weight.device
     idx, key_real, pos = left_pad(prompts, pad_id, device)
-    if idx.min() < 0 or idx.max() >= model.config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
     B = idx.shape[0]
     if cuda_graph:  # the step recorded once and replayed: GraphStep, below
         step_fn = graph_step(model, B)
