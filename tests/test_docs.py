@@ -51,7 +51,18 @@ def commands(doc):
     return out
 
 
-ALL = [c for doc in DOCS for c in commands(doc)]
+def first_of_each(found):
+    """A command that appears again (word for word) runs once: the later copy is skipped."""
+    seen, out = {}, []
+    for where, command, reason in found:
+        if reason is None and command in seen:
+            reason = f"the same command as {seen[command]}, which runs"
+        seen.setdefault(command, where)
+        out.append((where, command, reason))
+    return out
+
+
+ALL = first_of_each([c for doc in DOCS for c in commands(doc)])
 
 
 @pytest.fixture(scope="module")

@@ -126,17 +126,26 @@ def torchrun(args, dataset, out_dir):
     return load_checkpoint(out_dir)
 
 
+TWO_PROCESS_ARGS = ["--max_iters", "6", "--eval_interval", "3"]
+
+
+@pytest.fixture(scope="module")
+def one_process(char_dataset, tmp_path_factory):
+    """The reference: 1 process x 2 micro-batches (history, final weights), run once."""
+    out = str(tmp_path_factory.mktemp("one_process"))
+    history = run_train(["--out_dir", out, "--grad_accum", "2"] + TWO_PROCESS_ARGS, char_dataset)
+    return history, final_weights(out)
+
+
 @pytest.mark.parametrize("mode, accum", [("ddp", "2"), ("fsdp", "2"), ("ddp", "1")])
-def test_two_processes_match_one(mode, accum, char_dataset, tmp_path):
+def test_two_processes_match_one(mode, accum, char_dataset, one_process, tmp_path):
     """2 CPU processes x 1 micro-batch == 1 process x 2 micro-batches, same global batch.
     grad_accum=1 (the presets' value) is raised to one micro-batch per process."""
-    args = ["--max_iters", "6", "--eval_interval", "3"]
-    single = run_train(["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"] + args, char_dataset)
-    ckpt = torchrun(args + ["--dist", mode, "--grad_accum", accum], char_dataset, str(tmp_path / mode))
+    single, one = one_process
+    ckpt = torchrun(TWO_PROCESS_ARGS + ["--dist", mode, "--grad_accum", accum], char_dataset, str(tmp_path / mode))
     assert ckpt["train_config"]["grad_accum"] == 2
     assert ckpt["history"]["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
     assert ckpt["history"]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
-    one = final_weights(str(tmp_path / "one"))
     assert all((one[k] - v).abs().max() < 1e-5 for k, v in ckpt["model"].items())
 
 
