@@ -460,13 +460,12 @@ class GraphStep:
         self.token.copy_(token[:, None])
         self.pos += 1
         self.slot += 1
-        if self.token.device.type != "cuda":
+        if self.token.device.type != "cuda":  # no graphs: the same step, eagerly
             self.step()
-        elif self.graph is None:
+            return self.logits
+        if self.graph is None:
             self.record()
-            self.graph.replay()
-        else:
-            self.graph.replay()
+        self.graph.replay()
         return self.logits
 
 
@@ -544,9 +543,10 @@ def main(argv=None):
             for_decoding(draft.eval())
         for ids in prompts:
             stats = {}
-            out = speculative_generate(model, torch.tensor([ids], device=device), args.max_new_tokens, draft, args.num_speculative,
-                                       args.temperature, eos_id=tokenizer.eot_token, generator=generator,
-                                       n_vocab=tokenizer.n_vocab, stats=stats, lookup_first=args.lookup_first)
+            out = speculative_generate(model, torch.tensor([ids], device=device), args.max_new_tokens, draft,
+                                       args.num_speculative, args.temperature, eos_id=tokenizer.eot_token,
+                                       generator=generator, n_vocab=tokenizer.n_vocab, stats=stats,
+                                       lookup_first=args.lookup_first)
             print(tokenizer.decode(out[0].tolist()))
             print(f"--- accepted {stats['accepted']}/{stats['drafted']} drafts ({stats['looked_up']} by prompt "
                   f"lookup), {stats['target_calls']} target passes for {out.shape[1] - len(ids)} tokens")

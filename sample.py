@@ -93,14 +93,16 @@ def read_prompt(prompt):
     return prompt
 
 
-def recordable(model, n_prompt, max_new_tokens):
-    """Whether decode's CUDA-graph step can decode this: on a GPU, a plain or LoRA model
-    (decode.recordable) without a prefix or a sparse pattern, and a prompt plus new tokens
-    within the context."""
-    c = model.config
-    return (model.tok_embeddings.weight.device.type == "cuda" and n_prompt + max_new_tokens <= c.block_size
-            and not (c.sparse_local or c.sparse_stride) and decode.recordable(model)
-            and not any(getattr(layer.attention, "prefix", None) is not None for layer in model.layers))
+def recordable(model, prompt_ids, max_new_tokens):
+    """Whether decode's CUDA-graph step can decode this prompt: on a GPU, when
+    decode.check_batch accepts it."""
+    if model.tok_embeddings.weight.device.type != "cuda":
+        return False
+    try:
+        decode.check_batch(model, [prompt_ids], max_new_tokens, cuda_graph=True)
+    except ValueError:
+        return False
+    return True
 
 
 def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
@@ -112,7 +114,7 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     printed = tokenizer.decode(ids)
     out.write(printed)
     sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if recordable(model, len(prompt_ids), args.max_new_tokens):
+    if recordable(model, prompt_ids, args.max_new_tokens):
         tokens = decode.batched_tokens(model, [prompt_ids], *sampling, eos_id=args.eos_id, generator=generator,
                                        n_vocab=tokenizer.n_vocab, cuda_graph=True)
     else:

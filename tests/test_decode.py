@@ -238,7 +238,8 @@ def test_graph_path_refuses_what_it_cannot_replay():
     with pytest.raises(ValueError, match="still running"):  # they would share one KV cache
         next(decode.batched_tokens(model, [[3]], 5, temperature=0, cuda_graph=True))
     running.close()  # finished or dropped: the step is free again
-    assert decode.batched_generate(model, [[3]], 2, temperature=0, cuda_graph=True)[0][0] == 3
+    alone = model.generate(torch.tensor([[3]]), 2, temperature=0)[0].tolist()
+    assert decode.batched_generate(model, [[3]], 2, temperature=0, cuda_graph=True) == [alone]
     with pytest.raises(ValueError, match="plain and LoRA models only"):
         decode.batched_generate(quant.quantize_model(sharp_model(4), "int8"), [[1]], 3, cuda_graph=True)
     sparse = Transformer(tiny_config(sparse_local=4, sparse_stride=4))
@@ -265,7 +266,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
         eos = eager[1][len(prompts[1]) + 4]  # row 1 ends early; the finished row is fed pads in the replay
         assert decode.batched_generate(model, prompts, 30, temperature=0, eos_id=eos, cuda_graph=True) == \
             decode.batched_generate(model, prompts, 30, temperature=0, eos_id=eos)
-    assert sample.recordable(model, 11, 30) and not sample.recordable(model, 11, 64)
+    assert sample.recordable(model, [1] * 11, 30) and not sample.recordable(model, [1] * 11, 64)
 
 
 class SpacedTokenizer:
