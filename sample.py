@@ -27,6 +27,7 @@ import llava
 import quant
 from align import BOT, EOT, USER
 from checkpoint import load_checkpoint
+from data.scenes import read_image
 from decode import for_decoding
 from model import check_sampling_args, sample_next
 from runs import exit_with_error, load_adapter, load_run, resolve_device
@@ -180,7 +181,7 @@ def chat(model, tokenizer, args, generator, read=input, out=sys.stdout):
 def sample_image(args, device):
     """--image: a llava.py run answers about the picture (the image's features stand in for <image>)."""
     model, tokenizer = llava.load(args.out_dir, device)
-    image = llava.read_image(args.image, model.vision.config.image_size)
+    image = read_image(args.image, model.vision.config.image_size)
     prompt_ids = llava.encode_prompt(tokenizer, read_prompt(args.prompt), 1, model.n_image_tokens)
     x = torch.tensor([prompt_ids], device=device)
     pixels = llava.pixel_values(image)[None].to(device)  # (1, 3, H, W)

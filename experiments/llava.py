@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import llava  # noqa: E402
+from data import scenes  # noqa: E402
 from checkpoint import load_checkpoint, write_json  # noqa: E402
 
 VARIANTS = ("text only", "stage 1 only", "stage 2 only", "stage 1 + 2", "stage 1 + 2, linear")
@@ -124,13 +125,13 @@ def main():
     if args.part or args.seed is not None:
         return
     model = llava.load(os.path.join(cache, "seed0", "ckpt.pt"))[0]
-    summary = {name: {k: [r["accuracy"][name][k] for r in runs] for k in llava.KINDS} for name in VARIANTS}
+    summary = {name: {k: [r["accuracy"][name][k] for r in runs] for k in scenes.KINDS} for name in VARIANTS}
     examples = []
     rng = np.random.default_rng(12345)  # held-out scenes (another seed than training's)
     for i in range(4):
-        scene = llava.random_scene(rng, 1 + i % 3)
-        image = llava.draw(scene, rng)
-        for q, a, kind in llava.conversation(scene, rng, 3)[:2]:
+        scene = scenes.random_scene(rng, 1 + i % 3)
+        image = scenes.draw(scene, rng)
+        for q, a, kind in scenes.conversation(scene, rng, 3)[:2]:
             examples.append({"scene": i, "kind": kind, "question": q, "reference": a,
                              "answer": answer(model, tok, image, q)})
         examples[-1]["image"] = image
@@ -144,11 +145,11 @@ def main():
     ax = fig.add_subplot(grid[:, :2])
     width = 0.8 / len(VARIANTS)
     for j, name in enumerate(VARIANTS):
-        for i, kind in enumerate(llava.KINDS):
+        for i, kind in enumerate(scenes.KINDS):
             values = summary[name][kind]
             ax.bar(i + (j - 2) * width, np.mean(values), width, color=f"C{j}", label=name if i == 0 else None)
             ax.plot([i + (j - 2) * width] * len(values), values, "k.", ms=4)
-    ax.set_xticks(range(3), llava.KINDS)
+    ax.set_xticks(range(3), scenes.KINDS)
     zero = {k: np.mean([z[k] for z in results["zero_shot"]]) for k in ("colour and shape", "colour", "shape")}
     ax.set(ylabel="answers exactly right (held-out scenes)", ylim=(0, 1))
     ax.set_title(f"held-out answers: bars = mean, dots = {len(runs)} seed(s)\nCLIP zero-shot: colour and shape "

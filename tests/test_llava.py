@@ -10,6 +10,7 @@ import torch
 
 from conftest import ROOT
 import llava
+from data import scenes
 
 TINY = llava.Settings(**llava.QUICK)
 
@@ -56,7 +57,7 @@ def test_image_features_land_on_the_image_tokens_in_order(tok, seed):
         rows.append(words)
     T = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token] * (T - len(r)) for r in rows])
-    pix = torch.randn(n_images, 3, llava.IMAGE_SIZE, llava.IMAGE_SIZE)
+    pix = torch.randn(n_images, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
     embeds = model.input_embeds(ids, pix)
     features = model.image_features(pix).reshape(-1, model.llm.config.n_embd)  # (n_images * n, C)
     k = 0
@@ -86,7 +87,7 @@ def test_forward_refuses_image_tokens_without_their_images(tok):
     model = tiny_llava(tok)
     ids = torch.tensor([[tok.image_token] * model.n_image_tokens * 2])
     with pytest.raises(ValueError, match="18 image tokens but 1 image"):
-        model(ids, torch.zeros(1, 3, llava.IMAGE_SIZE, llava.IMAGE_SIZE))
+        model(ids, torch.zeros(1, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE))
 
 
 # ----------------------------------------------------------------------------- what each stage trains
@@ -134,8 +135,8 @@ def test_logits_match_transformers_llava(tok, tmp_path):
             p.add_(torch.randn_like(p) * 0.1)
     theirs.save_pretrained(tmp_path / "hf")
     ours = llava.LlavaModel.from_hf(str(tmp_path / "hf"))
-    scene = llava.random_scene(np.random.default_rng(0))
-    pix = llava.pixel_values(np.stack([llava.draw(scene), llava.draw(scene[:1])]))
+    scene = scenes.random_scene(np.random.default_rng(0))
+    pix = llava.pixel_values(np.stack([scenes.draw(scene), scenes.draw(scene[:1])]))
     rows = [llava.encode_prompt(tok, "what colour is the circle?", 1, 9),
             llava.encode_prompt(tok, "describe <image> the image.", 1, 9)]  # the image first, then inside
     T = max(map(len, rows))
@@ -159,7 +160,7 @@ def test_a_linear_projector_cannot_be_exported(tok, tmp_path):
 def run_dir(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp("llava_run")
     llava.save(tiny_llava(tok), tok, str(out / "ckpt.pt"))
-    llava.write_png(llava.draw(llava.random_scene(np.random.default_rng(0))), str(out / "scene.png"))
+    scenes.write_png(scenes.draw(scenes.random_scene(np.random.default_rng(0))), str(out / "scene.png"))
     return out
 
 
@@ -181,7 +182,7 @@ def test_sample_with_an_image_streams_an_answer(run_dir, capsys):
     assert code == 0, err
     model, tok = llava.load(str(run_dir))
     ids = torch.tensor([llava.encode_prompt(tok, "what colour is the circle?", 1, model.n_image_tokens)])
-    pix = llava.pixel_values(llava.read_image(str(run_dir / "scene.png")))[None]
+    pix = llava.pixel_values(scenes.read_image(str(run_dir / "scene.png")))[None]
     greedy = [int(t[0]) for t in model.generate_tokens(ids, pix, 5, 0.0, eos_id=tok.eot_token)]
     greedy = greedy[:greedy.index(tok.eot_token)] if tok.eot_token in greedy else greedy  # </s> ends, unprinted
     assert out == "USER: what colour is the circle? ASSISTANT: " + tok.decode(greedy) + "\n"
@@ -199,10 +200,10 @@ def test_bad_input_is_one_error_line(run_dir, case, capsys):
 
 
 def test_an_image_of_another_size_is_resized_with_a_note(run_dir, tmp_path, capsys):
-    original = llava.draw(llava.random_scene(np.random.default_rng(1)))
+    original = scenes.draw(scenes.random_scene(np.random.default_rng(1)))
     big = np.kron(original, np.ones((2, 2, 1), np.uint8))  # each pixel as a 2 x 2 block
-    llava.write_png(big, str(tmp_path / "big.png"))
-    image = llava.read_image(str(tmp_path / "big.png"))
+    scenes.write_png(big, str(tmp_path / "big.png"))
+    image = scenes.read_image(str(tmp_path / "big.png"))
     assert image.shape == original.shape
     assert np.abs(image.astype(int) - original).mean() < 8  # antialiased bilinear: close, edges blurred
     capsys.readouterr()
@@ -223,6 +224,6 @@ def test_experiment_quick_writes_its_json(tmp_path, monkeypatch):
     assert set(results["accuracy"]) == {"text only", "stage 1 only", "stage 2 only", "stage 1 + 2",
                                         "stage 1 + 2, linear"}
     for row in results["accuracy"].values():
-        assert set(row) == set(llava.KINDS) and all(len(v) == 1 and 0 <= v[0] <= 1 for v in row.values())
-    assert len(results["examples"]) == 8 and {e["kind"] for e in results["examples"]} <= set(llava.KINDS)
+        assert set(row) == set(scenes.KINDS) and all(len(v) == 1 and 0 <= v[0] <= 1 for v in row.values())
+    assert len(results["examples"]) == 8 and {e["kind"] for e in results["examples"]} <= set(scenes.KINDS)
     assert (tmp_path / "llava_quick.png").stat().st_size > 1000

@@ -1,0 +1,160 @@
+"""The scenes llava.py learns from: coloured shapes in three columns, drawn with numpy,
+and the questions and answers about them, in LLaVA's three kinds of instruction data
+(Liu et al., arXiv:2304.08485, section 3: conversation, detailed description, complex
+reasoning), written from the scene's own description instead of by GPT-4.
+
+    scene = random_scene(rng)    # [{"shape", "colour", "size", "column"}, ...], at most one per column
+    draw(scene)                  # uint8 (30, 30, 3)
+    conversation(scene, rng)     # [(question, answer, kind)], one turn of each kind at most
+"""
+
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checkpoint import atomic_write
+
+
+# ----------------------------------------------------------------------------- scenes
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
+           "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": 2.6, "large": 4.5}  # half-widths in pixels
+COLUMNS = ("left", "middle", "right")
+NUMBERS = ("zero", "one", "two", "three")
+IMAGE_SIZE = 30  # three columns of 10 pixels: one 10 x 10 patch wide each
+
+
+def random_scene(rng, n_objects=None):
+    """1-3 objects, each in its own column, no two with the same colour and shape."""
+    n = n_objects or int(rng.integers(1, 4))
+    columns = sorted(rng.choice(3, n, replace=False))
+    kinds = rng.choice(len(COLOURS) * len(SHAPES), n, replace=False)
+    scene = []
+    for col, kind in zip(columns, kinds):
+        size = ("small", "large")[rng.integers(2)]
+        r = SIZES[size]
+        x = (col + 0.5) * IMAGE_SIZE / 3 + rng.uniform(-1.5, 1.5)
+        y = rng.uniform(r + 1, IMAGE_SIZE - r - 2)
+        scene.append(dict(colour=list(COLOURS)[kind // len(SHAPES)], shape=SHAPES[kind % len(SHAPES)],
+                          size=size, column=COLUMNS[col], x=float(x), y=float(y)))
+    return scene
+
+
+def draw(scene, rng=None):
+    """The scene as an RGB image (H, W, 3) uint8 on a dark background with a little noise."""
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 20.0)
+    for o in scene:
+        r, dx, dy = SIZES[o["size"]], xx - o["x"], yy - o["y"]
+        mask = {"circle": dx ** 2 + dy ** 2 <= r ** 2,
+                "square": (abs(dx) <= r * 0.85) & (abs(dy) <= r * 0.85),
+                "triangle": (dy <= r) & (dy >= -r) & (abs(dx) <= (dy + r) / 2),
+                "cross": ((abs(dx) <= r / 3) | (abs(dy) <= r / 3)) & (abs(dx) <= r) & (abs(dy) <= r)}[o["shape"]]
+        image[mask] = COLOURS[o["colour"]]
+    if rng is not None:
+        image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def name(o, size=False):
+    return f"{o['size'] + ' ' if size else ''}{o['colour']} {o['shape']}"
+
+
+def caption(scene, rng):
+    """A short caption (the CC3M stand-in of stage 1): 'a red circle and a large blue cross on the right.'"""
+    long = rng.random() < 0.5
+    parts = [f"a {name(o, long)}" + (f" on the {o['column']}" if long else "") for o in scene]
+    return (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + parts[-1] + "."
+
+
+def neighbour(scene, o, side):
+    """The nearest object on `side` of o, or None."""
+    others = [p for p in scene if (p["x"] < o["x"] if side == "left" else p["x"] > o["x"])]
+    return min(others, key=lambda p: abs(p["x"] - o["x"]), default=None)
+
+
+def question(scene, kind, rng):
+    """(question, answer) of one of LLaVA's three kinds (section 3), in words the tokenizer knows."""
+    o = scene[rng.integers(len(scene))]
+    if kind == "description":  # detailed description: every object, left to right
+        q = ("describe the image in detail.", "what is in the image? give details.")[rng.integers(2)]
+        n = NUMBERS[len(scene)]
+        a = f"there {'is one shape' if len(scene) == 1 else f'are {n} shapes'}. " + \
+            " ".join(f"a {name(p, True)} on the {p['column']}." for p in scene)
+        return q, a
+    if kind == "conversation":  # short questions about types, counts, positions
+        pick = rng.integers(5)
+        if pick == 0 and sum(p["shape"] == o["shape"] for p in scene) == 1:
+            return f"what colour is the {o['shape']}?", f"{o['colour']}."
+        if pick == 1 and sum(p["colour"] == o["colour"] for p in scene) == 1:
+            return f"what shape is the {o['colour']} object?", f"a {o['shape']}."
+        if pick == 2:
+            c, s = list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+            if rng.random() < 0.5:
+                c, s = o["colour"], o["shape"]
+            present = any(p["colour"] == c and p["shape"] == s for p in scene)
+            return f"is there a {c} {s}?", ("yes." if present else "no.")
+        if pick == 3:
+            return f"where is the {name(o)}?", f"on the {o['column']}."
+        if pick == 4:
+            return f"is the {name(o)} large or small?", f"{o['size']}."
+        return "how many shapes are there?", f"{NUMBERS[len(scene)]}."
+    side = ("left", "right")[rng.integers(2)]  # complex reasoning: relations between objects
+    if rng.random() < 0.3 and len(scene) > 1:
+        o, p = rng.choice(len(scene), 2, replace=False)
+        o, p = scene[o], scene[p]
+        q = f"which is bigger, the {name(o)} or the {name(p)}?"
+        return q, ("they are the same size." if o["size"] == p["size"] else
+                   f"the {name(o if o['size'] == 'large' else p)}.")
+    n = neighbour(scene, o, side)
+    return f"what is {side} of the {name(o)}?", (f"a {name(n, True)}." if n else "nothing.")
+
+
+BRIEF = ("describe the image briefly.", "give a short caption of the image.", "what is in the picture?")
+KINDS = ("conversation", "description", "reasoning")
+
+
+def conversation(scene, rng, n_turns=None):
+    """A multi-turn conversation [(question, answer, kind)]; one turn of each kind at most."""
+    n = n_turns or int(rng.integers(1, 4))
+    return [(*question(scene, kind, rng), kind) for kind in rng.permutation(KINDS)[:n]]
+
+
+def caption_turn(scene, rng):
+    """Stage 1's data: a caption as a one-turn conversation with a brief-description instruction."""
+    return [(BRIEF[rng.integers(len(BRIEF))], caption(scene, rng), "caption")]
+
+
+# ----------------------------------------------------------------------------- image files
+def read_image(path, size=IMAGE_SIZE):
+    """A PNG (or any format matplotlib reads) -> uint8 (size, size, 3); other sizes are resized (a note says so)."""
+    import matplotlib.image
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        image = matplotlib.image.imread(path)
+    except Exception as e:  # PIL and matplotlib raise several types for a file that is not an image
+        raise ValueError(f"{path} is not an image matplotlib can read ({type(e).__name__}); give a PNG") from None
+    if image.dtype != np.uint8:
+        image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)  # PNG comes back as floats in [0, 1]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"{path}: expected an RGB or RGBA image, got an array of shape {image.shape}")
+    image = image[..., :3]
+    if image.shape[:2] != (size, size):
+        print(f"note: {path} is {image.shape[1]}x{image.shape[0]}, resized to the model's {size}x{size}",
+              file=sys.stderr)
+        x = torch.as_tensor(image).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        image = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return image
+
+
+def write_png(image, path):
+    import matplotlib.image
+    atomic_write(path, lambda f: matplotlib.image.imsave(f, image, format="png"))
