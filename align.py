@@ -37,13 +37,14 @@ import argparse
 import copy
 import itertools
 import json
-import keyword
+import math
 import os
 import random
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -52,114 +53,18 @@ from torch import nn
 
 import peft
 import quant
-from checkpoint import atomic_write, json_lines, load_checkpoint, read_json, save_checkpoint
+from checkpoint import (atomic_write, json_lines, load_checkpoint, lock_out_dir, read_json, save_checkpoint,
+                        unlock_out_dir)
 import train
 from data.prepare import prepare, pydoc_corpus
+from data.tasks import (BOT, EOT, FAMILIES, USER, correct, edit_distance, gold_score, make_task,  # noqa: F401
+                        render, split_families)
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer
 from runs import apply_peft, copy_tokenizer, exit_with_error, load_run, resolve_device
 
-USER, BOT, EOT = "\u24ca", "\u24b6", "\u2403"  # Ⓤ Ⓐ ␃: user turn, assistant turn, end of turn
 
-
-# ----------------------------------------------------------------------------- 1. instruction data
-WORDS = ("cat dog sun tree book fish bird milk rain star lamp road door king wolf frog cake ship moon "
-         "leaf salt rock wind fire gold corn bell rope nest seed").split()
-NOT_KEYWORDS = ("print len list dict open range self main data file name type").split()
-
-# Each family: several phrasings (FLAN section 2.2 uses ten per task; we use three) and a
-# function drawing one instance -> (the fields the phrasings use, the answer).
-FAMILIES = {
-    "reverse": (["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} in reverse."],
-                lambda r: _word(r, lambda w: w[::-1])),
-    "upper": (["Write {w} in capital letters.", "Uppercase: {w}", "Make {w} upper case."],
-              lambda r: _word(r, str.upper)),
-    "first": (["What is the first letter of {w}?", "First letter of {w}:", "Which letter does {w} start with?"],
-              lambda r: _word(r, lambda w: w[0])),
-    "last": (["What is the last letter of {w}?", "Last letter of {w}:", "Which letter does {w} end with?"],
-             lambda r: _word(r, lambda w: w[-1])),
-    "length": (["How many letters are in {w}?", "Count the letters of {w}.", "Length of {w}:"],
-               lambda r: _word(r, lambda w: str(len(w)))),
-    "repeat": (["Repeat {w} twice.", "Say {w} two times.", "Write {w} and then {w} again."],
-               lambda r: _word(r, lambda w: f"{w} {w}")),
-    "add": (["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."],
-            lambda r: (lambda a, b: ({"a": a, "b": b}, str(a + b)))(r.randint(0, 9), r.randint(0, 9))),
-    "sort": (["Sort the digits {d}.", "Put {d} in increasing order.", "Order from small to large: {d}"],
-             lambda r: _digits(r, lambda d: " ".join(map(str, sorted(d))))),
-    "max": (["Which is largest: {d}?", "Give the largest of {d}.", "Maximum of {d}:"],
-            lambda r: _digits(r, lambda d: str(max(d)))),
-    "min": (["Which is smallest: {d}?", "Give the smallest of {d}.", "Minimum of {d}:"],
-            lambda r: _digits(r, lambda d: str(min(d)))),
-    # a lookup in Python's own documentation: its list of reserved words (keyword.kwlist)
-    "keyword": (["Is {w} a Python keyword?", "Python keyword, yes or no: {w}", "Is {w} reserved in Python?"],
-                lambda r: (lambda w: ({"w": w}, "yes" if keyword.iskeyword(w) else "no"))(
-                    r.choice(keyword.kwlist) if r.random() < 0.5 else r.choice(NOT_KEYWORDS))),
-}
-
-
-def _word(r, answer):
-    w = r.choice(WORDS)
-    return {"w": w}, answer(w)
-
-
-def _digits(r, answer):
-    d = r.sample(range(10), r.randint(3, 4))
-    return {"d": " ".join(map(str, d))}, answer(d)
-
-
-def make_task(family, r):
-    """One instance: {"family", "prompt", "answer"}, phrased by a randomly chosen template."""
-    phrasings, draw = FAMILIES[family]
-    values, answer = draw(r)
-    return {"family": family, "prompt": r.choice(phrasings).format(**values), "answer": answer}
-
-
-def split_families(heldout):
-    """(trained, held out): FLAN holds whole task clusters out of instruction tuning."""
-    held = [f for f in heldout.split(",") if f]
-    unknown = [f for f in held if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown task families {unknown} in --heldout; known: {', '.join(FAMILIES)}")
-    return [f for f in FAMILIES if f not in held], held
-
-
-def render(prompt, response=None):
-    """The chat template: Ⓤ{prompt}␃Ⓐ, then {response}␃ when there is one."""
-    return f"{USER}{prompt}{EOT}{BOT}" + ("" if response is None else f"{response}{EOT}")
-
-
-def gold_score(task, response):
-    """The programmatic "gold" labeler (stands in for InstructGPT's human labelers).
-
-    response is the decoded text of a sample, EOT included if the model ended its turn.
-      1.0                    the right answer, then EOT (the task's checker)
-      0.5 * (1 - d / n)      a wrong answer that ended its turn: partial credit by the edit
-                             distance d to the right answer (n = the longer length)
-      0.0                    a response that never ended its turn
-    A preference is chosen = the higher gold score; equal scores are a tie and give no pair.
-    """
-    if not response.endswith(EOT):
-        return 0.0
-    text = response[:-1]
-    if text == task["answer"]:
-        return 1.0
-    return 0.5 * (1 - edit_distance(text, task["answer"]) / max(len(text), len(task["answer"]), 1))
-
-
-def correct(task, response):
-    return response == task["answer"] + EOT
-
-
-def edit_distance(a, b):
-    """Levenshtein distance by the textbook dynamic program."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
+# ----------------------------------------------------------------------------- 1. prompts and batches
 def encode_prompt(tokenizer, prompt, block_size, room):
     """Token ids of a rendered prompt, refusing one that leaves no room for `room` response tokens."""
     ids = tokenizer.encode(render(prompt))
@@ -170,7 +75,6 @@ def encode_prompt(tokenizer, prompt, block_size, room):
     return ids
 
 
-# ----------------------------------------------------------------------------- batches of sequences
 def pad_batch(prompts, responses, device="cpu"):
     """Right-padded prompt+response ids (B, L) and the response mask (B, L - 1).
 
@@ -329,12 +233,13 @@ class AlignConfig:
     k: int = 4
     rm_prompts: int = 400
     prefs: str = ""  # dpo (and rm): a prefs.jsonl; rm writes out_dir/prefs.jsonl when empty
+    rm_lm: bool = True  # rm: add the RM's own mean log-probability of the response (False: the head alone)
     # ppo / grpo
     reward_model: str = ""  # ppo: the rm run
     prompts_per_step: int = 8
     samples_per_prompt: int = 4  # grpo: the group size G
     beta: float = 0.05  # KL penalty to the SFT model
-    gamma: float = 0.0  # PPO-ptx: gamma * pretraining loss (0: plain PPO)
+    gamma: float = 0.0  # sft and PPO-ptx: + gamma * the next-token loss on the base's text (0: none)
     ptx_data: str = ""  # the pretraining dataset (default: the base's)
     ppo_epochs: int = 4
     minibatches: int = 2
@@ -352,7 +257,36 @@ QUICK = dict(iters=3, batch_size=4, eval_every=3, eval_prompts=4, n_layer=1, n_e
              ppo_epochs=1, minibatches=1, max_new_tokens=8)
 
 
+# Every number of AlignConfig and the values it may take; checked once, before any work.
+AT_LEAST_1 = ("k", "batch_size", "eval_every", "eval_prompts", "max_new_tokens", "prompts_per_step",
+              "samples_per_prompt", "ppo_epochs", "minibatches", "n_layer", "n_embd", "n_head", "block_size",
+              "lora_r", "rm_prompts")
+AT_LEAST_0 = ("iters", "threads", "warmup_iters", "mix", "pretrain_docs", "weight_decay", "grad_clip",
+              "lora_alpha", "beta", "gamma", "dpo_beta", "vf_coef", "temperature")
+ABOVE_0 = ("learning_rate", "clip", "clip_value")
+AT_MOST_1 = ("lora_dropout", "gae_gamma", "gae_lambda")  # and at least 0
+
+
 def check_config(cfg, stage):
+    """Each setting in its range, with one line naming the option and what it takes."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{f.name} must be a finite number, got {v}")
+    for name in AT_LEAST_1:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in AT_LEAST_0:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ABOVE_0:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    for name in AT_MOST_1:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"--{name} must be between 0 and 1, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.peft not in ("", "lora", "qlora"):
         raise ValueError(f"--peft must be lora or qlora (or empty for full fine-tuning), got {cfg.peft!r}")
     if stage in ("sft", "rm", "ppo", "dpo", "grpo") and not cfg.init_from and not cfg.resume:
@@ -363,16 +297,37 @@ def check_config(cfg, stage):
         raise ValueError(f"--k must be >= 2 (a comparison needs two responses), got {cfg.k}")
     if stage == "grpo" and cfg.samples_per_prompt < 2:
         raise ValueError("GRPO compares samples within a group: --samples_per_prompt must be >= 2")
-    for name in ("iters", "batch_size", "eval_every", "eval_prompts", "max_new_tokens", "prompts_per_step",
-                 "samples_per_prompt", "ppo_epochs", "minibatches"):
-        if getattr(cfg, name) < 1 and not (name == "iters" and getattr(cfg, name) == 0):
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     split_families(cfg.heldout)
     for name in ("init_from", "reward_model"):  # a run never writes into a run it reads
         path = getattr(cfg, name)
         if path and os.path.abspath(path.removesuffix("ckpt.pt")) == os.path.abspath(cfg.out_dir):
             raise ValueError(f"--{name} {path} is the run's own --out_dir: it would overwrite the model it reads; "
                              f"write elsewhere, e.g. --out_dir {cfg.out_dir.rstrip('/')}_{stage}")
+
+
+# What --resume may change: how long, how often, where. Anything else would make the run a
+# mixture of two settings, and the checkpoint would record only the second.
+RESUMABLE = ("iters", "eval_every", "device", "threads", "resume", "out_dir")
+
+
+def resumed_config(stage, cfg, explicit):
+    """The run's own settings from out_dir/ckpt.pt, refusing another stage's run or a setting
+    the command line contradicts."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: {path} not found; to start this run, drop --resume")
+    saved = load_checkpoint(path)["train_config"]
+    if saved.get("stage") != stage:
+        kind = f"an align.py {saved['stage']} run" if saved.get("stage") else "a train.py run"
+        hint = f"; resume it with `python align.py {saved['stage']} --resume --out_dir {cfg.out_dir}`" \
+            if saved.get("stage") in STAGES else ""
+        raise ValueError(f"--resume: {cfg.out_dir} holds {kind}, not an align.py {stage} run{hint}")
+    for k, v in explicit.items():
+        if k not in RESUMABLE and k in saved and saved[k] != v:
+            raise ValueError(f"--resume: --{k} {v} contradicts the run's {k} {saved[k]!r}; drop --{k} to "
+                             f"resume, or start a new run in another --out_dir")
+    known = {f.name for f in fields(AlignConfig)}
+    return AlignConfig(**{**{k: v for k, v in saved.items() if k in known}, **explicit, "resume": True})
 
 
 # ----------------------------------------------------------------------------- runs on disk
@@ -495,8 +450,7 @@ class Run:
         checkpoint every eval_every iterations and at the end. Each step draws its data
         from generators seeded by (seed, it) (step_rngs), so a resumed run is exact."""
         cfg = self.cfg
-        opt = torch.optim.AdamW(self.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
-                                weight_decay=cfg.weight_decay)
+        opt = train.make_optimizer(nn.ModuleList([self.model, self.heads]), self.schedule(), self.device)
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         resumed = cfg.resume and os.path.exists(path)
         if resumed:
@@ -516,9 +470,8 @@ class Run:
                 self.save(opt)
             if it >= cfg.iters:
                 return self.history
-            lr = cfg.learning_rate * min(1.0, (it + 1) / (cfg.warmup_iters + 1))
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = train.get_lr(it, self.schedule())
             t0 = time.perf_counter()
             logs = step(it, opt)
             logs["seconds"] = time.perf_counter() - t0
@@ -526,6 +479,14 @@ class Run:
             self.iter_num = it + 1
             if it % max(cfg.eval_every // 5, 1) == 0 or it == cfg.iters - 1:
                 print(f"{self.stage} {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in logs.items()), flush=True)
+
+    def schedule(self):
+        """train.py's optimizer settings: AdamW (0.9, 0.95), linear warmup, then a constant rate
+        (min_lr = learning_rate: InstructGPT's PPO keeps its rate constant)."""
+        c = self.cfg
+        return SimpleNamespace(learning_rate=c.learning_rate, min_lr=c.learning_rate, warmup_iters=c.warmup_iters,
+                               lr_decay_iters=0, max_iters=c.iters, weight_decay=c.weight_decay, beta1=0.9,
+                               beta2=0.95, peft=c.peft)
 
     def update(self, optimizer, loss):
         optimizer.zero_grad(set_to_none=True)
@@ -630,6 +591,20 @@ def load_pretrain_split(dataset, split):
     return np.memmap(os.path.join(dataset, f"{split}.bin"), dtype=meta["dtype"], mode="r")
 
 
+@torch.no_grad()
+def pretrain_loss(model, data, n_batches=8, batch_size=16, seed=0):
+    """Mean next-token loss on fixed batches of pretraining text: the alignment tax (InstructGPT
+    section 4.2 measures it as performance regressions on public NLP datasets)."""
+    g = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    dev = model.tok_embeddings.weight.device
+    losses = [model(*pretrain_batch(data, batch_size, model.config.block_size, g, dev))[1].item()
+              for _ in range(n_batches)]
+    model.train(was)
+    return sum(losses) / len(losses)
+
+
 # ----------------------------------------------------------------------------- step 1: SFT
 def run_sft(cfg):
     """InstructGPT step 1 / FLAN: cross-entropy on the response tokens of instruction examples."""
@@ -645,12 +620,20 @@ def run_sft(cfg):
         responses = [run.tokenizer.encode(t["answer"] + EOT) for t in tasks]
         return pad_batch(prompts, responses, run.device)
 
+    ptx = load_pretrain_split(run.dataset, "train") if cfg.gamma > 0 else None
+    ptx_val = load_pretrain_split(run.dataset, "val") if run.dataset else None
+
     def step(it, opt):
-        r, _ = run.step_rngs(it)
+        r, g = run.step_rngs(it)
         seq, mask, _ = batch(r, cfg.batch_size)
         _, loss = run.model(seq[:, :-1], sft_targets(seq, mask))
+        logs = {"loss": loss.item()}
+        if ptx is not None:  # pretraining text mixed in: gamma * its next-token loss (as PPO-ptx)
+            lm = run.model(*pretrain_batch(ptx, cfg.batch_size, run.model.config.block_size, g, run.device))[1]
+            loss = loss + cfg.gamma * lm
+            logs["ptx_loss"] = lm.item()
         run.update(opt, loss)
-        return {"loss": loss.item()}
+        return logs
 
     def evaluate(it):
         r, _ = run.step_rngs(-1)  # the same validation examples at every evaluation
@@ -658,8 +641,9 @@ def run_sft(cfg):
         with torch.no_grad():
             loss = run.model(seq[:, :-1], sft_targets(seq, mask))[1].item()
         acc = run.accuracy(run.model, trained + held, cfg.eval_prompts)
+        tax = {"pretrain_val_loss": pretrain_loss(run.model, ptx_val)} if ptx_val is not None else {}
         return {"val_loss": loss, "trained_acc": mean(acc[f] for f in trained),
-                "heldout_acc": mean(acc[f] for f in held) if held else float("nan"),
+                "heldout_acc": mean(acc[f] for f in held) if held else float("nan"), **tax,
                 **{f"acc_{f}": a for f, a in acc.items()}}
 
     run.history["base_acc"] = base_acc
@@ -673,24 +657,23 @@ def mean(xs):
 
 # ----------------------------------------------------------------------------- step 2: reward model
 def make_prefs(run, n_prompts, k):
-    """K responses per prompt, scored by the gold labeler; every pair with different scores is
-    a comparison (chosen = higher score). One JSON line per comparison.
+    """K samples per prompt from the SFT policy, ranked by the gold labeler (InstructGPT section
+    3.5: labelers rank K = 4..9 of the model's own outputs). Every pair of distinct responses
+    with different gold scores is a comparison (chosen = the higher). One JSON line each.
 
-    The K responses are K - 1 samples from the SFT model and the demonstration (the right
-    answer). InstructGPT's K are all model samples; adding the demonstration is our choice:
-    every prompt then has a decidable comparison whenever a sample is wrong, even when the
-    SFT model is still weak (and the RM learns what a right answer looks like)."""
+    No demonstration is among the K: a written answer differs from a sample in style, and an
+    RM can learn to spot the demonstration instead of judging the answer."""
     r, g = run.step_rngs(-2)
     rows = []
     tasks = run.tasks(r, n_prompts)
-    _, _, samples = run.rollouts(run.model, tasks, k - 1, g)
+    _, _, samples = run.rollouts(run.model, tasks, k, g)
     for i, task in enumerate(tasks):
-        texts = samples[i * (k - 1):(i + 1) * (k - 1)] + [task["answer"] + EOT]
+        texts = sorted(set(samples[i * k:(i + 1) * k]))
         scored = sorted(((gold_score(task, t), t) for t in texts), reverse=True)
         for (sa, a), (sb, b) in itertools.combinations(scored, 2):
-            if sa > sb and a != b:
+            if sa > sb:
                 rows.append({"prompt": task["prompt"], "chosen": a, "rejected": b, "family": task["family"],
-                             "group": i})
+                             "group": i, "gold": [sa, sb]})
     return rows
 
 
@@ -706,6 +689,9 @@ def load_prefs(path, tokenizer, block_size):
                 prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
             except (KeyError, TypeError):
                 raise ValueError(f"{path} line {n}: expected a JSON object with prompt, chosen and rejected") from None
+            if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+                raise ValueError(f"{path} line {n}: prompt, chosen and rejected must be strings (text), got "
+                                 f"{type(prompt).__name__}, {type(chosen).__name__}, {type(rejected).__name__}")
             if chosen == rejected:
                 raise ValueError(f"{path} line {n}: chosen and rejected responses are identical ({chosen!r}); a "
                                  f"comparison needs two different responses: drop that line")
@@ -720,47 +706,90 @@ def load_prefs(path, tokenizer, block_size):
     return list(groups.items())
 
 
-def reward_scores(trunk, head, seq, last):
-    """r(x, y): the scalar head on the hidden state of each sequence's last response token. (B,)"""
+def split_prompts(path, groups, every=10):
+    """(train, held out): every 10th distinct prompt of each task family is held out, so that no
+    held-out prompt is trained on and each family is measured in proportion (a family whose
+    prompts repeat, like the word tasks, would otherwise be almost absent from a plain tail split)."""
+    family = {}
+    with open(path, encoding="utf-8") as f:
+        for _, row in json_lines(f, path):
+            family.setdefault(row["prompt"], row.get("family", ""))
+    seen, train, val = {}, [], []
+    for prompt, pairs in groups:
+        k = family[prompt]
+        seen[k] = seen.get(k, 0) + 1
+        (val if seen[k] % every == 0 else train).append((prompt, pairs))
+    if not val or not train:
+        raise ValueError(f"{path}: {len(groups)} prompts are too few to hold out every {every}th; give at least "
+                         f"{every} prompts of one family")
+    return train, val
+
+
+def reward_scores(trunk, head, lm, seq, mask, last):
+    """r(x, y) of each row, (B,): InstructGPT's scalar head on the hidden state of the last
+    response token, plus (lm=True) the mean log-probability that the RM's own language-model
+    head gives the response's tokens (mask: (B, L - 1), as pad_batch makes it).
+
+    The second term is ours. Initialized from the SFT model, it starts as the SFT model's own
+    confidence in the answer, which already ranks most comparisons right; the head alone must
+    learn to read that knowledge from one position's hidden state out of a few thousand
+    comparisons, and does not at this size (experiments/align.py measures both). It is DPO's
+    observation (Rafailov et al. 2023, section 5) that a language model's log-probabilities
+    are a reward model, used as the RM's starting point."""
     h = trunk.hidden_states(seq)  # (B, L, C)
-    return head(h[torch.arange(seq.shape[0]), last]).squeeze(-1)
+    r = head(h[torch.arange(seq.shape[0]), last]).squeeze(-1)
+    if lm:
+        logp = token_logprobs(trunk.output(h), seq, trunk.config.vocab_size)  # (B, L - 1)
+        r = r + (logp * mask).sum(1) / mask.sum(1)
+    return r
 
 
-def group_batch(run, prompt, pairs):
-    """One prompt's comparisons as K unique responses in one forward pass (InstructGPT section 3.5:
-    C(K, 2) comparisons from K passes) and the (chosen, rejected) index pairs into them."""
-    responses = sorted({r for pair in pairs for r in pair})
-    index = {r: i for i, r in enumerate(responses)}
-    p = run.tokenizer.encode(render(prompt))
-    seq, _, last = pad_batch([p] * len(responses), [run.tokenizer.encode(r) for r in responses], run.device)
-    ci = torch.tensor([index[c] for c, _ in pairs], device=run.device)
-    ri = torch.tensor([index[r] for _, r in pairs], device=run.device)
-    return seq, last, ci, ri
+def comparison_batch(run, groups):
+    """Comparisons as one forward pass: each prompt's K unique responses once (InstructGPT section
+    3.5: C(K, 2) comparisons from K passes, all of a prompt's in the same batch), right-padded,
+    and the (chosen, rejected) row indices into them. groups: [(prompt, [(chosen, rejected)])]."""
+    prompts, responses, ci, ri = [], [], [], []
+    for prompt, pairs in groups:
+        unique = sorted({r for pair in pairs for r in pair})
+        index = {r: len(responses) + i for i, r in enumerate(unique)}
+        p = run.tokenizer.encode(render(prompt))
+        prompts += [p] * len(unique)
+        responses += [run.tokenizer.encode(r) for r in unique]
+        ci += [index[c] for c, _ in pairs]
+        ri += [index[r] for _, r in pairs]
+    seq, mask, last = pad_batch(prompts, responses, run.device)
+    return seq, mask, last, torch.tensor(ci, device=run.device), torch.tensor(ri, device=run.device)
+
+
+@torch.no_grad()
+def demonstration_score(run, rm, n=64):
+    """The RM's mean score of the demonstrations (right answers) on fixed prompts. InstructGPT
+    section 3.5 normalizes the RM so that they score 0 on average before RL: load_reward_model
+    subtracts this, so a reward above 0 means "better than the written answer"."""
+    r, _ = run.step_rngs(-6)
+    tasks = run.tasks(r, n)
+    seq, mask, last = pad_batch([run.tokenizer.encode(render(t["prompt"])) for t in tasks],
+                                [run.tokenizer.encode(t["answer"] + EOT) for t in tasks], run.device)
+    return reward_scores(*rm, seq, mask, last).mean().item()
 
 
 def run_rm(cfg):
-    """InstructGPT step 2: the SFT trunk, its unembedding replaced by a scalar head."""
+    """InstructGPT step 2: the SFT trunk, its unembedding replaced by a scalar head, trained on
+    the gold labeler's rankings of the SFT model's own samples."""
     run = Run(cfg, "rm", peft_ok=False)
     path = cfg.prefs or os.path.join(cfg.out_dir, "prefs.jsonl")
     if not cfg.prefs and not os.path.exists(path):
         rows = make_prefs(run, cfg.rm_prompts, cfg.k)
         atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows)), text=True)
         print(f"{path}: {len(rows)} comparisons from {cfg.rm_prompts} prompts x {cfg.k} samples")
-    groups = load_prefs(path, run.tokenizer, run.model.config.block_size)
-    n_val = max(len(groups) // 10, 1)
-    train_groups, val_groups = groups[:-n_val], groups[-n_val:]
+    train_groups, val_groups = split_prompts(path, load_prefs(path, run.tokenizer, run.model.config.block_size))
     run.heads["reward"] = nn.Linear(run.model.config.n_embd, 1).to(run.device)
     nn.init.zeros_(run.heads["reward"].weight)
 
     def loss_on(gs):
-        losses, correct_pairs, n = [], 0, 0
-        for prompt, pairs in gs:  # every comparison of a prompt in the same batch
-            seq, last, ci, ri = group_batch(run, prompt, pairs)
-            r = reward_scores(run.model, run.heads["reward"], seq, last)
-            losses.append(reward_loss(r[ci], r[ri]) * len(pairs))
-            correct_pairs += (r[ci] > r[ri]).sum().item()
-            n += len(pairs)
-        return sum(losses) / n, correct_pairs / n
+        seq, mask, last, ci, ri = comparison_batch(run, gs)
+        r = reward_scores(run.model, run.heads["reward"], cfg.rm_lm, seq, mask, last)  # (rows,)
+        return reward_loss(r[ci], r[ri]), (r[ci] > r[ri]).float().mean().item()
 
     def step(it, opt):
         r, _ = run.step_rngs(it)
@@ -771,13 +800,15 @@ def run_rm(cfg):
     def evaluate(it):
         with torch.no_grad():
             loss, acc = loss_on(val_groups)
-        return {"val_loss": loss.item(), "val_acc": acc}
+        return {"val_loss": loss.item(), "val_acc": acc, "val_pairs": sum(len(p) for _, p in val_groups),
+                "demo_score": demonstration_score(run, (run.model, run.heads["reward"], cfg.rm_lm))}
 
     return run.fit(step, evaluate)
 
 
 def load_reward_model(path, policy_dir, device):
-    """(trunk, head) of an rm run, refusing one trained with another tokenizer than the policy's."""
+    """(trunk, head, lm) of an rm run (reward_scores' first three arguments), refusing one trained
+    with another tokenizer than the policy's."""
     if not same_tokenizer(path, policy_dir):
         raise ValueError(f"reward model {path} was trained with another tokenizer than {policy_dir}; its "
                          f"scores would read other tokens: train the reward model from this SFT run")
@@ -788,7 +819,11 @@ def load_reward_model(path, policy_dir, device):
     trunk.load_state_dict(ckpt["model"])
     head = nn.Linear(trunk.config.n_embd, 1)
     head.load_state_dict({k.removeprefix("reward."): v for k, v in ckpt["heads"].items()})
-    return trunk.to(device).eval().requires_grad_(False), head.to(device).eval().requires_grad_(False)
+    evals = ckpt.get("history", {}).get("eval", [])
+    if evals and "demo_score" in evals[-1]:  # normalized: demonstrations score 0 on average
+        head.bias.data -= evals[-1]["demo_score"]
+    return (trunk.to(device).eval().requires_grad_(False), head.to(device).eval().requires_grad_(False),
+            ckpt["train_config"].get("rm_lm", False))
 
 
 # ----------------------------------------------------------------------------- step 3: PPO
@@ -808,7 +843,7 @@ def make_experience(run, tasks, rm, it):
     values = run.heads["value"](h[:, :-1]).squeeze(-1) * mask  # V(s_t), s_t = the tokens up to t
     with run.reference() as ref:
         ref_logp = token_logprobs(ref(seq)[0], seq, run.n_vocab)
-    score = reward_scores(*rm, seq, last)  # (B,)
+    score = reward_scores(*rm, seq, mask, last)  # (B,)
     kl = (logp - ref_logp) * mask  # (B, L - 1)
     rewards = -cfg.beta * kl
     rewards[torch.arange(len(last)), last - 1] += score  # the action that emitted the last token
@@ -872,8 +907,8 @@ def evaluate_policy(run, rm=None, n_samples=2):
     out = {"gold": mean(gold_score(t, x) for t, x in zip(task_of, texts)),
            "acc": mean(correct(t, x) for t, x in zip(task_of, texts))}
     if rm is not None:
-        seq, _, last = pad_batch(prompts, responses, run.device)
-        out["score"] = reward_scores(*rm, seq, last).mean().item()
+        seq, mask, last = pad_batch(prompts, responses, run.device)
+        out["score"] = reward_scores(*rm, seq, mask, last).mean().item()
     return out
 
 
@@ -995,8 +1030,9 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI)")
     for f in fields(AlignConfig):
         kind = {bool: parse_bool}.get(type(f.default), type(f.default))
+        flag = dict(nargs="?", const=True) if kind is parse_bool else {}  # --resume means --resume true
         p.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
-                       help=f"default {f.default!r}")
+                       help=f"default {f.default!r}", **flag)
     args = vars(p.parse_args(argv))
     stage, quick = args.pop("stage"), args.pop("quick") or bool(os.environ.get("NANO_QUICK"))  # (the docs test)
     explicit = {k: v for k, v in args.items() if v is not None}
@@ -1012,22 +1048,39 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def refuse_other_run(cfg, stage):
+    """A new run never replaces a finished one: an out_dir holding a checkpoint is resumed or left alone."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if stage in STAGES and not cfg.resume and os.path.exists(path):
+        saved = load_checkpoint(path).get("train_config", {}).get("stage", "train.py")
+        raise ValueError(f"{cfg.out_dir} already holds a run ({saved}); continue it with --resume, or choose "
+                         f"another --out_dir")
+
+
 def main(argv=None):
     stage, cfg, quick, explicit = parse_args(sys.argv[1:] if argv is None else argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        shape = [k for k in ("n_layer", "n_embd", "n_head", "block_size") if k in explicit]
+        if shape and stage in STAGES:
+            raise ValueError(f"--{shape[0]} sets the base model's shape (align.py base or pipeline); align.py "
+                             f"{stage} takes its model from --init_from (or the run it resumes): drop --{shape[0]}")
         if cfg.resume and stage in STAGES:  # the run's own settings; only what this command line sets changes
-            saved = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["train_config"]
-            known = {f.name for f in fields(AlignConfig)}
-            cfg = AlignConfig(**{**{k: v for k, v in saved.items() if k in known}, **explicit, "resume": True})
+            cfg = resumed_config(stage, cfg, explicit)
         check_config(cfg, stage)
-        if stage == "base":
+        if stage == "base":  # train.py holds the out_dir's lock itself
             run_base(cfg, quick)
-        elif stage == "pipeline":
-            run_pipeline(cfg, quick)
-        else:
-            STAGES[stage](cfg)
+            return
+        refuse_other_run(cfg, stage)
+        created = not os.path.exists(cfg.out_dir)
+        lock_out_dir(cfg.out_dir)  # one process per out_dir, as train.py
+        try:
+            run_pipeline(cfg, quick) if stage == "pipeline" else STAGES[stage](cfg)
+        finally:
+            unlock_out_dir(cfg.out_dir)
+            if created and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):
+                os.rmdir(cfg.out_dir)  # a run that failed before writing anything leaves no trace
     except (ValueError, OSError) as e:
         exit_with_error(e)
 

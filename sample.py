@@ -25,7 +25,7 @@ import decode
 import hf
 import llava
 import quant
-from align import BOT, EOT, USER
+from data.tasks import BOT, EOT, USER
 from checkpoint import load_checkpoint
 from data.scenes import read_image
 from decode import for_decoding

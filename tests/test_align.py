@@ -140,7 +140,7 @@ def test_kl_is_exactly_zero_before_the_first_update(base, tmp_path, peft_mode):
     run = Run(tiny(base, tmp_path, peft=peft_mode), "ppo")
     run.frozen_reference()
     run.heads["value"] = torch.nn.Linear(32, 1)
-    rm = (Transformer(run.model.config).eval(), torch.nn.Linear(32, 1))
+    rm = (Transformer(run.model.config).eval(), torch.nn.Linear(32, 1), True)
     import random
     exp = align.make_experience(run, run.tasks(random.Random(0), 2), rm, it=0)
     assert exp["mask"].sum() > 0
@@ -160,12 +160,40 @@ def synthetic_prefs(path, n, seed):
                                 "rejected": r.choice(["zz", "q", "xyz"])}) + "\n")
 
 
-def test_reward_model_ranks_heldout_pairs_above_chance(base, tmp_path):
+def test_reward_model_learns_a_trivially_separable_preference(base, tmp_path):
+    """The regression guard's fast half: chosen = the right answer ending its turn, rejected =
+    junk that never ends it. Any working RM separates these; one at chance (the drifted 0.50)
+    fails here. Held-out prompts only (every 10th of each family)."""
     prefs = tmp_path / "prefs.jsonl"
-    synthetic_prefs(prefs, 60, seed=1)
-    history = align.run_rm(tiny(base, tmp_path / "rm", prefs=str(prefs), iters=25, eval_every=25))
+    synthetic_prefs(prefs, 120, seed=1)
+    history = align.run_rm(tiny(base, tmp_path / "rm", prefs=str(prefs), iters=30, eval_every=30, batch_size=16))
     before, after = history["eval"][0]["val_acc"], history["eval"][-1]["val_acc"]
-    assert after >= 0.8 and after > before  # 6 held-out prompts' pairs; chance is 0.5
+    assert history["eval"][-1]["val_pairs"] >= 9
+    assert after >= 0.95 and before < 0.95
+
+
+def test_reward_model_is_normalized_so_demonstrations_score_zero(base, tmp_path):
+    """InstructGPT section 3.5: the RM's bias is shifted so that demonstrations average 0."""
+    prefs = tmp_path / "prefs.jsonl"
+    synthetic_prefs(prefs, 60, seed=2)
+    cfg = tiny(base, tmp_path / "rm", prefs=str(prefs), iters=5, eval_every=5)
+    align.run_rm(cfg)
+    rm = align.load_reward_model(str(tmp_path / "rm"), base, "cpu")
+    run = Run(cfg, "eval")
+    assert align.demonstration_score(run, rm) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reward_scores_lm_term_is_the_mean_response_logprob():
+    """reward_scores with lm=True adds the mean log-probability of the response tokens, by hand."""
+    torch.manual_seed(0)
+    trunk = Transformer(ModelConfig(vocab_size=11, block_size=16, n_layer=1, n_embd=8, n_head=2, n_kv_head=2))
+    head = torch.nn.Linear(8, 1)
+    seq, mask, last = align.pad_batch([[1, 2, 3], [4, 5]], [[6, 7], [8]])
+    plain = align.reward_scores(trunk, head, False, seq, mask, last)
+    with_lm = align.reward_scores(trunk, head, True, seq, mask, last)
+    logp = torch.log_softmax(trunk(seq)[0], -1)
+    by_hand = [(logp[0, 2, 6] + logp[0, 3, 7]) / 2, logp[1, 1, 8]]
+    assert (with_lm - plain).tolist() == pytest.approx([x.item() for x in by_hand], abs=1e-5)
 
 
 def test_resume_is_exact(base, tmp_path):
@@ -280,3 +308,57 @@ def test_chat_keeps_the_kv_cache_across_turns(base):
     transcript = render("hi", replies[0]) + f"{align.USER}add 2 and 3{EOT}{align.BOT}"
     fresh = model.generate(torch.tensor([tok.encode(transcript)]), 5, temperature=0)[0].tolist()
     assert tok.decode(fresh[len(tok.encode(transcript)):]).split(EOT)[0] == replies[1]
+
+
+# ----------------------------------------------------------------------------- bad input, second round
+@pytest.mark.parametrize("option,value", [("--beta", "-0.1"), ("--beta", "nan"), ("--dpo_beta", "-1"),
+                                          ("--dpo_beta", "nan"), ("--learning_rate", "0"), ("--gae_lambda", "1.5"),
+                                          ("--temperature", "inf")])
+def test_bad_numbers_are_one_error_line_and_write_nothing(base, tmp_path, capsys, option, value):
+    out = tmp_path / "o"
+    err = run_cli(["dpo", "--init_from", base, "--out_dir", str(out), option, value], capsys)
+    assert option in err and not out.exists()
+
+
+def test_resume_into_another_stage_is_refused(base, tmp_path, capsys):
+    align.run_sft(tiny(base, tmp_path / "sft", iters=1, eval_every=1))
+    before = (tmp_path / "sft" / "ckpt.pt").read_bytes()
+    err = run_cli(["ppo", "--resume", "--out_dir", str(tmp_path / "sft")], capsys)
+    assert "holds an align.py sft run, not an align.py ppo run" in err and "align.py sft --resume" in err
+    err = run_cli(["dpo", "--resume", "--out_dir", str(tmp_path / "nothing")], capsys)
+    assert "not found; to start this run, drop --resume" in err
+    assert (tmp_path / "sft" / "ckpt.pt").read_bytes() == before
+
+
+def test_resume_with_a_contradicting_option_is_refused(base, tmp_path, capsys):
+    align.run_sft(tiny(base, tmp_path / "sft", iters=1, eval_every=1))
+    err = run_cli(["sft", "--resume", "--out_dir", str(tmp_path / "sft"), "--n_layer", "3"], capsys)
+    assert "--n_layer sets the base model's shape" in err and "drop --n_layer" in err
+    err = run_cli(["sft", "--resume", "--out_dir", str(tmp_path / "sft"), "--learning_rate", "0.5"], capsys)
+    assert "--learning_rate 0.5 contradicts the run's learning_rate" in err
+
+
+def test_a_new_run_never_replaces_a_finished_one(base, tmp_path, capsys):
+    align.run_sft(tiny(base, tmp_path / "sft", iters=1, eval_every=1))
+    before = (tmp_path / "sft" / "ckpt.pt").read_bytes()
+    err = run_cli(["sft", "--init_from", base, "--out_dir", str(tmp_path / "sft")], capsys)
+    assert "already holds a run (sft)" in err and "--resume" in err
+    assert (tmp_path / "sft" / "ckpt.pt").read_bytes() == before
+
+
+def test_prefs_line_that_is_not_text_is_one_error_line(base, tmp_path, capsys):
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Uppercase: cat", "chosen": 3, "rejected": "CAT" + EOT}) + "\n")
+    err = run_cli(["dpo", "--init_from", base, "--prefs", str(prefs), "--out_dir", str(tmp_path / "o")], capsys)
+    assert "line 1: prompt, chosen and rejected must be strings" in err
+
+
+def test_two_runs_into_one_out_dir_are_refused(base, tmp_path, capsys):
+    from checkpoint import lock_out_dir, unlock_out_dir
+    out = str(tmp_path / "busy")
+    lock_out_dir(out)  # another process's run, as far as align.py can tell
+    try:
+        err = run_cli(["sft", "--init_from", base, "--out_dir", out, "--iters", "1"], capsys)
+    finally:
+        unlock_out_dir(out)
+    assert "is in use by" in err
