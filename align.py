@@ -213,6 +213,7 @@ class AlignConfig:
     eval_every: int = 50  # also the checkpoint interval
     eval_prompts: int = 48
     heldout: str = "last,min"  # task families never trained on (FLAN's held-out clusters)
+    families: str = ""  # the task families trained on, comma-separated (empty: all but --heldout)
     max_new_tokens: int = 12
     temperature: float = 1.0
     # parameter-efficient: "" (full), lora or qlora (runs.apply_peft); for ppo/dpo/grpo the
@@ -246,15 +247,16 @@ class AlignConfig:
     clip: float = 0.2
     clip_value: float = 0.2
     vf_coef: float = 0.1
+    vf_shared: bool = False  # ppo: the value loss also trains the policy's trunk (TRL's shared model)
     gae_gamma: float = 1.0
     gae_lambda: float = 0.95
     # dpo
     dpo_beta: float = 0.1
 
 
-QUICK = dict(iters=3, batch_size=4, eval_every=3, eval_prompts=4, n_layer=1, n_embd=32, n_head=2,
-             block_size=64, mix=50, pretrain_docs=100, k=3, rm_prompts=8, prompts_per_step=2, samples_per_prompt=2,
-             ppo_epochs=1, minibatches=1, max_new_tokens=8)
+QUICK = dict(n_layer=2, n_embd=64, n_head=4, block_size=64, mix=600, pretrain_docs=100, eval_prompts=8,
+             max_new_tokens=8, families="upper,reverse,repeat")  # --quick: three families, a small model
+# (the stages' budgets are in PIPELINE_QUICK)
 
 
 # Every number of AlignConfig and the values it may take; checked once, before any work.
@@ -297,7 +299,7 @@ def check_config(cfg, stage):
         raise ValueError(f"--k must be >= 2 (a comparison needs two responses), got {cfg.k}")
     if stage == "grpo" and cfg.samples_per_prompt < 2:
         raise ValueError("GRPO compares samples within a group: --samples_per_prompt must be >= 2")
-    split_families(cfg.heldout)
+    split_families(cfg.heldout, cfg.families)
     for name in ("init_from", "reward_model"):  # a run never writes into a run it reads
         path = getattr(cfg, name)
         if path and os.path.abspath(path.removesuffix("ckpt.pt")) == os.path.abspath(cfg.out_dir):
@@ -502,7 +504,7 @@ class Run:
         return random.Random(s), torch.Generator(device=self.device).manual_seed(s)
 
     def tasks(self, r, n, families=None):
-        families = families or split_families(self.cfg.heldout)[0]
+        families = families or split_families(self.cfg.heldout, self.cfg.families)[0]
         return [make_task(r.choice(families), r) for _ in range(n)]
 
     def prompt_ids(self, task):
@@ -554,7 +556,7 @@ def pretrain_text(cfg):
         docs = [topics[k] for k in sorted(topics)][:cfg.pretrain_docs]
     else:
         docs = pydoc_corpus()
-    trained, _ = split_families(cfg.heldout)
+    trained, _ = split_families(cfg.heldout, cfg.families)
     for _ in range(cfg.mix):
         task = make_task(r.choice(trained), r)
         docs.insert(r.randrange(len(docs) + 1), render(task["prompt"], task["answer"]))
@@ -609,7 +611,7 @@ def pretrain_loss(model, data, n_batches=8, batch_size=16, seed=0):
 def run_sft(cfg):
     """InstructGPT step 1 / FLAN: cross-entropy on the response tokens of instruction examples."""
     run = Run(cfg, "sft")
-    trained, held = split_families(cfg.heldout)
+    trained, held = split_families(cfg.heldout, cfg.families)
     base_model = load_policy(cfg.init_from, run.device)[0].eval()
     base_acc = run.accuracy(base_model, trained + held, cfg.eval_prompts)
     del base_model
@@ -858,8 +860,11 @@ def make_experience(run, tasks, rm, it):
 def run_ppo(cfg):
     """InstructGPT step 3: maximize r(x, y) - beta * KL(pi || pi_SFT) [+ gamma * pretraining log-likelihood].
 
-    The value head reads the policy's own hidden states (TRL's shared trunk); InstructGPT
-    initializes a separate value model from the RM: we share, so one trunk runs per token."""
+    The value head reads the policy's own hidden states, so one trunk runs per token; InstructGPT
+    initializes a separate value model from the RM. Unlike TRL's shared model, the value loss
+    does not reach the trunk (vf_shared=False): the value targets are on the RM's scale, and
+    with the gradient shared the value loss moved the policy more than the policy loss did
+    (experiments/align.py measures both)."""
     run = Run(cfg, "ppo")
     rm = load_reward_model(cfg.reward_model, cfg.init_from, run.device)
     run.frozen_reference()
@@ -877,7 +882,7 @@ def run_ppo(cfg):
             order = torch.randperm(B, generator=g)
             for mb in order.chunk(cfg.minibatches):
                 logp, h = run.logprobs_and_hidden(run.model, exp["seq"][mb])
-                values = run.heads["value"](h[:, :-1]).squeeze(-1)
+                values = run.heads["value"]((h if cfg.vf_shared else h.detach())[:, :-1]).squeeze(-1)
                 loss, s = ppo_loss(logp, exp["logp"][mb], exp["advantages"][mb], values, exp["values"][mb],
                                    exp["returns"][mb], exp["mask"][mb], cfg.clip, cfg.clip_value, cfg.vf_coef)
                 if ptx is not None:  # PPO-ptx: gamma * the pretraining loss on a batch of pydoc text
@@ -983,15 +988,29 @@ def run_grpo(cfg):
 
 
 # ----------------------------------------------------------------------------- pipeline and CLI
-# The pipeline's settings per stage (full size; --quick keeps QUICK's). Measured: with
-# PPO at learning rate 3e-4 and beta 0.05 the policy over-optimized the RM within 10 iterations.
+# The pipeline's settings per stage, measured by experiments/align.py (README: alignment).
+# SFT mixes pretraining text in (gamma 1), which keeps the alignment tax near 0; the RL
+# stages update on 32 prompts a step: with 8, their gradients followed the few families
+# drawn and the gold score did not rise.
 PIPELINE = {
     "base": dict(iters=400, batch_size=16, eval_every=400),
-    "sft": dict(iters=300, eval_every=100),
-    "rm": dict(iters=100, batch_size=8, learning_rate=3e-4, eval_every=25),
-    "ppo": dict(iters=30, learning_rate=1e-4, beta=0.1, eval_every=10),
-    "dpo": dict(iters=60, batch_size=16, learning_rate=1e-4, eval_every=20),
-    "grpo": dict(iters=30, learning_rate=1e-4, samples_per_prompt=8, eval_every=10),
+    "sft": dict(iters=300, gamma=1.0, eval_every=100),
+    "rm": dict(rm_prompts=4000, k=4, iters=120, batch_size=32, learning_rate=3e-4, eval_every=40),
+    "ppo": dict(iters=30, learning_rate=1e-4, beta=0.05, prompts_per_step=32, samples_per_prompt=4, ppo_epochs=2,
+                eval_every=10),
+    "dpo": dict(iters=20, batch_size=32, learning_rate=3e-5, eval_every=10),
+    "grpo": dict(iters=30, learning_rate=1e-4, samples_per_prompt=8, prompts_per_step=32, ppo_epochs=2,
+                 eval_every=10),
+}
+# --quick: the same stages on a smaller model and budget (seconds each), for CI and a first look
+PIPELINE_QUICK = {
+    "base": dict(iters=150, batch_size=16, eval_every=150),
+    "sft": dict(iters=200, gamma=1.0, eval_every=200),
+    "rm": dict(rm_prompts=600, k=4, iters=30, batch_size=32, learning_rate=3e-4, eval_every=15),
+    "ppo": dict(iters=8, learning_rate=1e-4, beta=0.05, prompts_per_step=16, samples_per_prompt=4, ppo_epochs=2,
+                eval_every=8),
+    "dpo": dict(iters=15, batch_size=32, learning_rate=3e-5, eval_every=15),
+    "grpo": dict(iters=8, learning_rate=1e-4, samples_per_prompt=8, prompts_per_step=16, ppo_epochs=2, eval_every=8),
 }
 
 
@@ -1002,9 +1021,9 @@ def run_pipeline(cfg, quick):
               "ppo": dict(init_from=d["sft"], reward_model=d["rm"]),
               "dpo": dict(init_from=d["sft"], prefs=os.path.join(d["rm"], "prefs.jsonl")),
               "grpo": dict(init_from=d["sft"])}
-    for stage, settings in PIPELINE.items():
-        stage_cfg = AlignConfig(**{**asdict(cfg), **({} if quick else settings), **starts.get(stage, {}),
-                                   "out_dir": d[stage]})
+    for stage in PIPELINE:
+        stage_cfg = AlignConfig(**{**asdict(cfg), **(PIPELINE_QUICK if quick else PIPELINE)[stage],
+                                   **starts.get(stage, {}), "out_dir": d[stage]})
         if done(d[stage], stage_cfg.iters):
             continue
         if stage == "base":
@@ -1036,7 +1055,7 @@ def parse_args(argv):
     args = vars(p.parse_args(argv))
     stage, quick = args.pop("stage"), args.pop("quick") or bool(os.environ.get("NANO_QUICK"))  # (the docs test)
     explicit = {k: v for k, v in args.items() if v is not None}
-    cfg = AlignConfig(**{**(QUICK if quick else {}), **explicit})
+    cfg = AlignConfig(**{**(QUICK if quick else {}), **(PIPELINE_QUICK.get(stage, {}) if quick else {}), **explicit})
     return stage, cfg, quick, explicit
 
 

@@ -69,13 +69,21 @@ def make_task(family, r):
     return {"family": family, "prompt": r.choice(phrasings).format(**values), "answer": answer}
 
 
-def split_families(heldout):
-    """(trained, held out): FLAN holds whole task clusters out of instruction tuning."""
+def split_families(heldout, trained=""):
+    """(trained, held out): FLAN holds whole task clusters out of instruction tuning.
+    trained: the families to train on (comma-separated; empty: every family not held out)."""
     held = [f for f in heldout.split(",") if f]
-    unknown = [f for f in held if f not in FAMILIES]
+    chosen = [f for f in trained.split(",") if f]
+    unknown = [f for f in held + chosen if f not in FAMILIES]
     if unknown:
-        raise ValueError(f"unknown task families {unknown} in --heldout; known: {', '.join(FAMILIES)}")
-    return [f for f in FAMILIES if f not in held], held
+        raise ValueError(f"unknown task families {unknown} in --heldout or --families; known: {', '.join(FAMILIES)}")
+    if set(held) & set(chosen):
+        raise ValueError(f"families {sorted(set(held) & set(chosen))} are both trained (--families) and held out "
+                         f"(--heldout); a family is one or the other")
+    trained_list = [f for f in FAMILIES if (f in chosen if chosen else f not in held)]
+    if not trained_list:
+        raise ValueError("no task family is left to train on: hold fewer out with --heldout")
+    return trained_list, held
 
 
 def render(prompt, response=None):
