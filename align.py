@@ -130,9 +130,11 @@ def masked_mean(x, mask):
 
 
 def whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries (TRL's masked_whiten with shift_mean=True)."""
+    """(x - mean) / std over the masked entries, as TRL's masked_whiten (shift_mean=True): the
+    variance with Bessel's correction, n / (n - 1). Entries outside the mask are set to 0."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -166,12 +168,15 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip
 
         policy: masked mean of clipped_surrogate (the clipped objective)
         value:  0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), as in TRL
-    Returns (policy loss + vf_coef * value loss, {its parts and the clipped fraction}).
+    Returns (policy loss + vf_coef * value loss, {its parts and the clipped fraction, as TRL logs it}).
     """
     pg = masked_mean(clipped_surrogate(logp, old_logp, advantages, clip), mask)
     v_clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
     vf = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
-    clipfrac = masked_mean((torch.abs(torch.exp(logp - old_logp) - 1) > clip).float(), mask)
+    # TRL's clipfrac: the tokens whose clipped term is the one the loss takes (so the clip
+    # removed their gradient), not every token whose ratio left [1 - eps, 1 + eps]
+    ratio = torch.exp(logp - old_logp)
+    clipfrac = masked_mean((-advantages * torch.clamp(ratio, 1 - clip, 1 + clip) > -advantages * ratio).float(), mask)
     return pg + vf_coef * vf, {"pg_loss": pg.item(), "vf_loss": vf.item(), "clipfrac": clipfrac.item()}
 
 

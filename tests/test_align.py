@@ -99,12 +99,18 @@ def test_ppo_clip_against_its_definition():
     # value: position 0, V = 1 vs clipped 0.7: max(1, 0.49) = 1; position 1: 0; mean 0.5, times 0.5
     assert parts["pg_loss"] == pytest.approx(-2.0) and parts["vf_loss"] == pytest.approx(0.25)
     assert loss.item() == pytest.approx(-2.0 + 0.5 * 0.25)
+    # clipfrac as TRL logs it: the clipped term is the active one (ratio 1.5 with A > 0, 0.5 with A < 0),
+    # 2 of 7 here; counting every ratio outside [0.8, 1.2] would give 4 of 7
+    _, parts = align.ppo_loss(ratios.log()[None], old[None], advs[None], torch.zeros(1, 7), torch.zeros(1, 7),
+                              torch.zeros(1, 7), torch.ones(1, 7), clip=eps)
+    assert parts["clipfrac"] == pytest.approx(2 / 7)
 
 
 def test_whiten_and_group_advantages():
     x, mask = torch.tensor([[1.0, 2.0, 3.0, 50.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     w = align.whiten(x, mask)
-    assert w[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4) and w[0, 3] == 0
+    # TRL's masked_whiten: the unbiased variance (Bessel's n / (n - 1)): std([1, 2, 3]) = 1
+    assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4) and w[0, 3] == 0
     adv = align.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), 3)
     s = torch.tensor([1.0, 0.0, 0.0]).std().item()  # GRPO: (r - mean) / std within the group
     assert adv[:3].tolist() == pytest.approx([(2 / 3) / (s + 1e-4), (-1 / 3) / (s + 1e-4), (-1 / 3) / (s + 1e-4)])
