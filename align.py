@@ -1,4 +1,4 @@
-"""Alignment in miniature: instruction data, SFT, a reward model, PPO, DPO and GRPO.
+"""Alignment in miniature: SFT, a reward model, PPO, DPO and GRPO.
 
     python align.py base --out_dir out/al/base            # pretrain: pydoc text + a little chat text
     python align.py sft  --init_from out/al/base --out_dir out/al/sft   [--peft lora|qlora]
@@ -10,7 +10,7 @@
     python align.py pipeline --out_dir out/al [--quick]   # all of the above, in order
     python sample.py --out_dir out/al/ppo --chat          # talk to it
 
-It reads next to these papers (summaries in PAPERS.md):
+It reads next to these papers, each loss directly above the stage that uses it:
   - FLAN (Wei et al. 2021, arXiv:2109.01652): many tasks phrased as instructions, several
     templates each; zero-shot accuracy on task families held out of training.
   - InstructGPT (Ouyang et al. 2022, arXiv:2203.02155) section 3.5: (1) SFT, (2) a reward
@@ -27,10 +27,8 @@ We follow TRL's PPO conventions (PPOTrainer, 2024): the KL penalty is folded int
 per-token reward, the reward model's score is added at the last response token, and the
 advantages are whitened per batch. Where we differ it is said next to the code.
 
-The chat template, one string per turn (the three markers are single characters of the
-character-level vocabulary, so each is exactly one token; EOT ends every turn):
-
-    Ⓤ{instruction}␃Ⓐ{response}␃
+The instruction data (task families, the chat template Ⓤ{instruction}␃Ⓐ{response}␃ and
+the gold labeler) are in data/tasks.py.
 """
 
 import argparse
@@ -111,93 +109,6 @@ def sample(model, rows, max_new_tokens, temperature, eot_id, n_vocab, generator)
         ids = [s[b] for s in steps]
         out.append(ids[:ids.index(eot_id) + 1] if eot_id in ids else ids)
     return out
-
-
-# ----------------------------------------------------------------------------- 2-6. the losses
-def sft_targets(seq, mask):
-    """SFT's loss is on the response tokens only: the prompt's targets are -100 (ignored)."""
-    targets = seq[:, 1:].clone()  # (B, L - 1)
-    return targets.masked_fill(mask == 0, -100)
-
-
-def reward_loss(r_chosen, r_rejected):
-    """InstructGPT eq. 1: -E[log sigmoid(r(x, y_w) - r(x, y_l))], the mean over comparisons."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum()
-
-
-def whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries, as TRL's masked_whiten (shift_mean=True): the
-    variance with Bessel's correction, n / (n - 1). Entries outside the mask are set to 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def gae(rewards, values, gamma, lam):
-    """Generalized advantage estimation (Schulman et al. 2015, eq. 16), backwards in time:
-
-        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last step = 0)
-        A_t     = delta_t + gamma * lam * A_{t+1}
-    rewards, values: (B, T). Returns (advantages, returns = advantages + values), (B, T).
-    """
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
-    next_adv = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = delta + gamma * lam * next_adv
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
-    return advantages, advantages + values
-
-
-def clipped_surrogate(logp, old_logp, advantages, eps):
-    """PPO eq. 7, per token, as a loss to minimize: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)."""
-    ratio = torch.exp(logp - old_logp)
-    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
-
-
-def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip=0.2, clip_value=0.2,
-             vf_coef=0.1):
-    """The PPO loss of a minibatch, all inputs (B, T) over the response tokens in mask:
-
-        policy: masked mean of clipped_surrogate (the clipped objective)
-        value:  0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), as in TRL
-    Returns (policy loss + vf_coef * value loss, {its parts and the clipped fraction, as TRL logs it}).
-    """
-    pg = masked_mean(clipped_surrogate(logp, old_logp, advantages, clip), mask)
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
-    vf = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
-    # TRL's clipfrac: the tokens whose clipped term is the one the loss takes (so the clip
-    # removed their gradient), not every token whose ratio left [1 - eps, 1 + eps]
-    ratio = torch.exp(logp - old_logp)
-    clipfrac = masked_mean((-advantages * torch.clamp(ratio, 1 - clip, 1 + clip) > -advantages * ratio).float(), mask)
-    return pg + vf_coef * vf, {"pg_loss": pg.item(), "vf_loss": vf.item(), "clipfrac": clipfrac.item()}
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """DPO eq. 7: -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
-    the mean over pairs; each log-probability is the sum over the response's tokens, (B,)."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * margin).mean()
-
-
-def group_advantages(rewards, group):
-    """GRPO section 4.1.2 (outcome supervision): (r - mean(group)) / std(group), each sample's
-    advantage given to all its tokens. rewards (P * G,) in groups of G consecutive samples.
-    A group whose samples all score alike has std 0: its advantages are 0 (eps keeps them finite)."""
-    r = rewards.view(-1, group)  # (P, G)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
-
-
-def kl_k3(logp, ref_logp):
-    """GRPO eq. 4's unbiased, always positive KL estimate: ref/pi - log(ref/pi) - 1 (Schulman 2020's k3)."""
-    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -613,6 +524,12 @@ def pretrain_loss(model, data, n_batches=8, batch_size=16, seed=0):
 
 
 # ----------------------------------------------------------------------------- step 1: SFT
+def sft_targets(seq, mask):
+    """SFT's loss is on the response tokens only: the prompt's targets are -100 (ignored)."""
+    targets = seq[:, 1:].clone()  # (B, L - 1)
+    return targets.masked_fill(mask == 0, -100)
+
+
 def run_sft(cfg):
     """InstructGPT step 1 / FLAN: cross-entropy on the response tokens of instruction examples."""
     run = Run(cfg, "sft")
@@ -663,6 +580,11 @@ def mean(xs):
 
 
 # ----------------------------------------------------------------------------- step 2: reward model
+def reward_loss(r_chosen, r_rejected):
+    """InstructGPT eq. 1: -E[log sigmoid(r(x, y_w) - r(x, y_l))], the mean over comparisons."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
 def make_prefs(run, n_prompts, k):
     """K samples per prompt from the SFT policy, ranked by the gold labeler (InstructGPT section
     3.5: labelers rank K = 4..9 of the model's own outputs). Every pair of distinct responses
@@ -834,6 +756,61 @@ def load_reward_model(path, policy_dir, device):
 
 
 # ----------------------------------------------------------------------------- step 3: PPO
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries, as TRL's masked_whiten (shift_mean=True): the
+    variance with Bessel's correction, n / (n - 1). Entries outside the mask are set to 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def gae(rewards, values, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2015, eq. 16), backwards in time:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last step = 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+    rewards, values: (B, T). Returns (advantages, returns = advantages + values), (B, T).
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps):
+    """PPO eq. 7, per token, as a loss to minimize: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)."""
+    ratio = torch.exp(logp - old_logp)
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
+
+
+def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip=0.2, clip_value=0.2,
+             vf_coef=0.1):
+    """The PPO loss of a minibatch, all inputs (B, T) over the response tokens in mask:
+
+        policy: masked mean of clipped_surrogate (the clipped objective)
+        value:  0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), as in TRL
+    Returns (policy loss + vf_coef * value loss, {its parts and the clipped fraction, as TRL logs it}).
+    """
+    pg = masked_mean(clipped_surrogate(logp, old_logp, advantages, clip), mask)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
+    vf = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    # TRL's clipfrac: the tokens whose clipped term is the one the loss takes (so the clip
+    # removed their gradient), not every token whose ratio left [1 - eps, 1 + eps]
+    ratio = torch.exp(logp - old_logp)
+    clipfrac = masked_mean((-advantages * torch.clamp(ratio, 1 - clip, 1 + clip) > -advantages * ratio).float(), mask)
+    return pg + vf_coef * vf, {"pg_loss": pg.item(), "vf_loss": vf.item(), "clipfrac": clipfrac.item()}
+
+
 @torch.no_grad()
 def make_experience(run, tasks, rm, it):
     """Sample, then score: old log-probs and values, the reference's log-probs, the RM's score.
@@ -923,6 +900,13 @@ def evaluate_policy(run, rm=None, n_samples=2):
 
 
 # ----------------------------------------------------------------------------- DPO
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """DPO eq. 7: -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
+    the mean over pairs; each log-probability is the sum over the response's tokens, (B,)."""
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin).mean()
+
+
 def sequence_logps(model, seq, mask, n_vocab):
     """log pi(y | x): the sum of the response tokens' log-probabilities, (B,)."""
     return (token_logprobs(model(seq)[0], seq, n_vocab) * mask).sum(1)
@@ -957,6 +941,19 @@ def run_dpo(cfg):
 
 
 # ----------------------------------------------------------------------------- GRPO
+def group_advantages(rewards, group):
+    """GRPO section 4.1.2 (outcome supervision): (r - mean(group)) / std(group), each sample's
+    advantage given to all its tokens. rewards (P * G,) in groups of G consecutive samples.
+    A group whose samples all score alike has std 0: its advantages are 0 (eps keeps them finite)."""
+    r = rewards.view(-1, group)  # (P, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+
+
+def kl_k3(logp, ref_logp):
+    """GRPO eq. 4's unbiased, always positive KL estimate: ref/pi - log(ref/pi) - 1 (Schulman 2020's k3)."""
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+
 def run_grpo(cfg):
     """GRPO: G samples per prompt rewarded by the task's checker (1 right, 0 wrong); no value head.
 

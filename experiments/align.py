@@ -353,7 +353,15 @@ def tables(results):
         "log-probability alone (iteration 0) |",
         f"| the value loss does not reach the policy's trunk (`vf_shared false`) | PPO win rate {separate:.2f} "
         f"(seed {results['seeds'][0]}) | {shared:.2f} with TRL's shared trunk |"])
+    fam = f["sft_acc"]
+    flan = "\n".join(["| family | base | SFT |", "|---|---|---|"] + [
+        f"| `{x}`{' (held out)' if x in f['heldout_families'] else ''} | {f['base_acc'][x]:.2f} | {fam[x]:.2f} |"
+        for x in fam])
+    bench = "\n".join(["| policy | rollout tokens/s | seconds per PPO step | model state (MB) |", "|---|---|---|---|"] + [
+        f"| {b['peft']} | {b['rollout_tok_s']:.0f} | {b['s_per_step']:.2f} | {b['state_bytes'] / 1e6:.2f} |"
+        for b in results["bench"]])
     return {"claims": "\n".join(claims), "win_rates": win, "tax": "\n".join(rows), "ablations": ablations,
+            "flan": flan, "bench": bench,
             "over_optimization": "\n".join(rows_oo),
             "time": f"{results['seconds'] / 60:.1f} minutes"}
 
