@@ -844,9 +844,9 @@ def run_ppo(cfg):
 
     The value head reads the policy's own hidden states, so one trunk runs per token; InstructGPT
     initializes a separate value model from the RM. Unlike TRL's shared model, the value loss
-    does not reach the trunk (vf_shared=False): the value targets are on the RM's scale, and
-    with the gradient shared the value loss moved the policy more than the policy loss did
-    (experiments/align.py measures both)."""
+    does not reach the trunk by default (vf_shared=False), so that only the policy loss moves
+    the policy; experiments/align.py measures both, and at this size they do not differ beyond
+    the noise of one training seed."""
     run = Run(cfg, "ppo")
     rm = load_reward_model(cfg.reward_model, cfg.init_from, run.device)
     run.frozen_reference()

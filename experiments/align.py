@@ -137,6 +137,7 @@ def main():
     results = {"quick": args.quick, "runs": {**d, **{f"{m}_s{s}": v for m, r in runs.items() for s, v in r.items()}},
                "seeds": list(seeds), "eval_seeds": eval_seeds, "n_prompts": n_prompts}
     sft = align.load_checkpoint(os.path.join(d["sft"], "ckpt.pt"))
+    results["model"] = "{n_layer} layers x {n_embd}".format(**sft["model_config"])
     trained, held = split_families(cfg.heldout, cfg.families)
     last = sft["history"]["eval"][-1]
     results["flan"] = {"heldout_families": held, "base_acc": sft["history"]["base_acc"],
@@ -217,7 +218,8 @@ def plot(results):
     pyplot = plt()
     fig, axes = pyplot.subplots(2, 4, figsize=(22, 9))
     run = "experiments/align.py" + (" --quick" if results["quick"] else "")
-    fig.suptitle(f"{run}: InstructGPT, DPO and GRPO in miniature (3 layers x 96, character-level)")
+    model = results.get("model", "the pipeline's model")
+    fig.suptitle(f"{run}: InstructGPT, DPO and GRPO in miniature ({model}, character-level)")
     ax = axes[0, 0]
     r = results["ppo"]
     ax.plot(smooth(r["score"]), label="RM score (proxy)")

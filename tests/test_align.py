@@ -284,19 +284,20 @@ slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow set: RUN_
 @slow
 def test_experiment_quick_shows_each_effect(tmp_path):
     """experiments/align.py --quick guards the claims, not only the code path: the RM ranks
-    held-out comparisons well above chance, PPO, DPO and GRPO beat SFT, GRPO's reward rises,
-    and SFT with pretraining text mixed in pays almost no alignment tax."""
+    held-out comparisons well above chance, and better with its LM term than with the head
+    alone, and SFT with pretraining text mixed in pays almost no alignment tax while SFT
+    without it does."""
     env = {**os.environ, "EXPERIMENTS_OUT": str(tmp_path)}
     subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "align.py"), "--quick"], cwd=ROOT, env=env,
                    check=True, capture_output=True, timeout=900)
     r = json.loads((tmp_path / "align_quick.json").read_text())
     assert (tmp_path / "align_quick.png").stat().st_size > 1000
     assert r["rm"]["heldout_pair_acc"] >= 0.75
-    wins = {m: align.mean(align.mean(v) for v in r["win_rate"][m]["trained"].values()) for m in r["win_rate"]}
-    assert wins["ppo"] > 0.5, wins
+    assert r["rm"]["ablation"]["both"] > r["rm"]["ablation"]["head_alone"]
     assert r["ppo"]["kl"][0] == 0.0  # the first rollouts come from the SFT model itself
-    tax = r["alignment_tax"]
-    assert r["sft_recipes"]["pipeline"]["pretrain_loss"] <= 1.25 * tax["base"]
+    tax, recipes = r["alignment_tax"], r["sft_recipes"]
+    assert recipes["pipeline"]["pretrain_loss"] <= 1.25 * tax["base"] < recipes["no pretraining mix"]["pretrain_loss"]
+    # (the methods' few points of win rate over SFT need the full run: test_published_claims guards those)
     # an aligned run samples through sample.py
     out = subprocess.run([sys.executable, "sample.py", "--out_dir", r["runs"]["ppo"], "--prompt", "x",
                           "--max_new_tokens", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -321,6 +322,21 @@ def test_reward_model_at_the_documented_size_reaches_its_floor(tmp_path):
 
 
 RM_FLOOR = 0.80  # the published held-out accuracy (README) less its spread across evaluations
+
+
+def test_published_claims():
+    """The README's alignment figures come from experiments/results/align.json (experiments/docs.py);
+    this holds that JSON to what the README says of it, so a worse run cannot be published silently."""
+    r = json.loads(open(os.path.join(ROOT, "experiments", "results", "align.json")).read())
+    assert not r["quick"] and len(r["seeds"]) == 3 and r["eval_seeds"] == 3
+    assert r["rm"]["heldout_pair_acc"] >= RM_FLOOR
+    assert r["rm"]["ablation"]["both"] > max(r["rm"]["ablation"]["head_alone"], r["rm"]["ablation"]["lm_alone"])
+    for m, w in r["win_rate"].items():  # every method beats SFT on the trained families, every training seed
+        assert all(align.mean(v) > 0.5 for v in w["trained"].values()), m
+    tax = r["alignment_tax"]
+    assert r["sft_recipes"]["pipeline"]["pretrain_loss"] <= 1.25 * tax["base"]
+    grpo = r["grpo"].values()
+    assert align.mean(align.mean(v[-5:]) for v in grpo) > align.mean(align.mean(v[:5]) for v in grpo)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
