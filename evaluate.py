@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import json_lines
+from data.tokenizer import CharTokenizer
 from runs import exit_with_error, resolve_device
 from sample import load_model
 
@@ -223,9 +224,9 @@ def clean_text(tokenizer, text, where, unknown="error"):
     """(text, how many characters were skipped or replaced). Only a character vocabulary
     (data/tokenizer.py's CharTokenizer) has characters it cannot encode; BPE falls back
     to bytes. unknown="error" raises one line naming the first one and its place."""
-    stoi = getattr(tokenizer, "stoi", None)
-    if stoi is None:
+    if not isinstance(tokenizer, CharTokenizer):
         return text, 0
+    stoi = tokenizer.stoi
     bad = [i for i, c in enumerate(text) if c not in stoi]
     if not bad:
         return text, 0
@@ -334,11 +335,17 @@ def evaluate_choices(model, tokenizer, docs, k=0, seed=0, description="", answer
 
 
 # ----------------------------------------------------------------------------- exact match
+def prompt_room(model, max_gen_toks):
+    return max(1, _window(model) - max_gen_toks)
+
+
 @torch.no_grad()
 def greedy_until(model, tokenizer, prompt_ids, until, max_gen_toks=32):
-    """Greedy continuation of prompt_ids (KV-cached), cut at the first stop string or end-of-text."""
+    """Greedy continuation of prompt_ids (KV-cached), cut at the first stop string or end-of-text.
+    As lm-evaluation-harness, the prompt keeps its last window - max_gen_toks tokens, so
+    that prompt and answer fit the window together."""
     device = model.tok_embeddings.weight.device
-    idx = torch.tensor([prompt_ids[-_window(model):]], device=device)  # (1, T)
+    idx = torch.tensor([prompt_ids[-prompt_room(model, max_gen_toks):]], device=device)  # (1, T)
     new = []
     eot = getattr(tokenizer, "eot_token", None)
     for token in model.generate_tokens(idx, max_gen_toks, temperature=0, n_vocab=tokenizer.n_vocab):
@@ -360,13 +367,13 @@ def evaluate_generation(model, tokenizer, docs, k=0, seed=0, description="", max
     for i in tests:
         doc = docs[i]
         ids = tokenizer.encode(build_prompt(doc, fewshot(docs, i, k, seed), description))
-        cut += len(ids) > _window(model)
+        cut += len(ids) > prompt_room(model, max_gen_toks)
         got = greedy_until(model, tokenizer, ids, doc.get("until") or [FEWSHOT_DELIMITER], max_gen_toks)
         predictions.append(got)
         correct += got.strip() == doc["answer"].strip()
     if cut:
         warnings.warn(f"{cut} of {len(tests)} prompts are longer than the model's window of {_window(model)} "
-                      f"tokens: truncated from the left", stacklevel=2)
+                      f"tokens less --max_gen_toks {max_gen_toks}: truncated from the left", stacklevel=2)
     return {"n": len(tests), "accuracy": {"exact_match": correct / len(tests)}, "predictions": predictions}
 
 

@@ -76,16 +76,27 @@ def write_hf_dir(path, seed=0):
     return path
 
 
-def write_task(folder, docs, name="nano_local_mc"):
-    """A harness task over a JSONL file: multiple choice, query " " choice, acc and acc_norm."""
-    data = os.path.join(folder, f"{name}.jsonl")
+# the three kinds of harness requests, each a task over a JSONL file of {"query", "choices", "gold", "answer"}
+TASKS = {
+    "nano_local_mc": "output_type: multiple_choice\ndoc_to_text: '{{query}}'\ndoc_to_choice: '{{choices}}'\n"
+                     "doc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+    "nano_local_rolling": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{query}}'\n"
+                          "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n",
+    "nano_local_gen": "output_type: generate_until\ndoc_to_text: '{{query}}'\ndoc_to_target: '{{answer}}'\n"
+                      "generation_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+                      "metric_list:\n  - metric: exact_match\n",
+}
+
+
+def write_tasks(folder, docs):
+    """TASKS as YAML files in folder, over one JSONL file of docs (the harness's --include_path)."""
+    data = os.path.join(folder, "docs.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
-    with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
-        f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{query}}}}'\n"
-                f"doc_to_choice: '{{{{choices}}}}'\ndoc_to_target: gold\n"
-                f"metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    for name, body in TASKS.items():
+        with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+            f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                    f"test_split: test\n{body}")
     return data
 
 
@@ -97,7 +108,7 @@ def mc_docs():
     for i in range(40):
         query = " ".join(words[3 * i:3 * i + 6])
         choices = [words[3 * i + 6], "the", "of the", words[i + 100]]
-        docs.append({"query": query, "choices": choices, "gold": i % 4})
+        docs.append({"query": query, "choices": choices, "gold": i % 4, "answer": choices[i % 4]})
     return docs
 
 
@@ -114,10 +125,11 @@ out = {"loglikelihood": lm.loglikelihood(requests, disable_tqdm=True),
        "ids": [lm._encode_pair(c, t) if c else None for c, t in spec["requests"]],
        "rolling": lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
                                             for i, t in enumerate(spec["texts"])], disable_tqdm=True)}
-if spec.get("task"):
-    r = simple_evaluate(model=lm, tasks=[spec["task"]], task_manager=TaskManager(include_path=spec["task_dir"]),
-                        bootstrap_iters=0, log_samples=False)
-    out["task"] = r["results"][spec["task"]]
+if spec.get("tasks"):
+    r = simple_evaluate(model=lm, tasks=spec["tasks"], task_manager=TaskManager(include_path=spec["task_dir"]),
+                        bootstrap_iters=0, log_samples=True)
+    out["results"] = r["results"]
+    out["responses"] = {t: [s["resps"] for s in r["samples"][t]] for t in spec["tasks"]}
 json.dump(out, open(sys.argv[2], "w"))
 """
 
@@ -147,8 +159,8 @@ def oracle(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("harness"))
     hf_dir = write_hf_dir(os.path.join(tmp, "hf"))
     docs = mc_docs()
-    write_task(tmp, docs)
-    out = run_oracle(tmp, {"hf_dir": hf_dir, "requests": REQUESTS, "texts": TEXTS, "task": "nano_local_mc",
+    write_tasks(tmp, docs)
+    out = run_oracle(tmp, {"hf_dir": hf_dir, "requests": REQUESTS, "texts": TEXTS, "tasks": list(TASKS),
                            "task_dir": tmp})
     model, tokenizer = sample.load_model(hf_dir=hf_dir)
     return {"out": out, "model": model, "tokenizer": tokenizer, "docs": docs, "hf_dir": hf_dir, "tmp": tmp}
@@ -178,7 +190,66 @@ def test_rolling_log_likelihood_is_the_harness(oracle):
 @needs_harness
 def test_multiple_choice_acc_and_acc_norm_are_the_harness(oracle):
     got = evaluate.evaluate_choices(oracle["model"], oracle["tokenizer"], oracle["docs"])
-    theirs = oracle["out"]["task"]
+    theirs = oracle["out"]["results"]["nano_local_mc"]
     assert got["n"] == len(oracle["docs"])
     assert got["accuracy"]["sum"] == pytest.approx(theirs["acc,none"])
     assert got["accuracy"]["char"] == pytest.approx(theirs["acc_norm,none"])
+
+
+# ----------------------------------------------------------------------------- harness.py: --model nano
+def flat(x):
+    """Nested lists / tuples of numbers and booleans -> one flat list of floats."""
+    return [float(v) for item in x for v in flat(item)] if isinstance(x, (list, tuple)) else [x]
+
+
+@needs_harness
+def test_the_nano_model_answers_the_harness_as_its_own_hf_model_does(oracle):
+    """The three tasks through the harness's registry by name ("nano"), in this process (our
+    evaluate.py is the module of that name here; the harness's metrics used need no other)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import harness  # noqa: F401  (registers "nano")
+    r = simple_evaluate(model="nano", model_args=f"hf_dir={oracle['hf_dir']},batch_size=8", tasks=list(TASKS),
+                        task_manager=TaskManager(include_path=oracle["tmp"]), bootstrap_iters=0, log_samples=True,
+                        device="cpu")
+    theirs = oracle["out"]
+    for task in TASKS:
+        ours = [s["resps"] for s in r["samples"][task]]
+        if task == "nano_local_gen":  # greedy text, cut at the first stop string
+            assert ours == theirs["responses"][task]
+        else:  # per doc, per request: (logprob, is_greedy) or a logprob
+            assert flat(ours) == pytest.approx(flat(theirs["responses"][task]), abs=1e-4)
+        for metric, value in theirs["results"][task].items():
+            if metric.endswith(",none") and "stderr" not in metric:
+                assert r["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+
+
+@needs_harness
+def test_the_documented_command_scores_a_train_run(tmp_path):
+    """`python harness.py --model nano --model_args out_dir=RUN ...` from the repository's root,
+    on a character-level train.py run: the harness's acc is evaluate.py's."""
+    from test_evaluate import CHARS, successor_task
+    run = tmp_path / "run"
+    run.mkdir()
+    from checkpoint import save_checkpoint, write_json
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=len(CHARS), block_size=16)).eval()
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(),
+                     "train_config": {"peft": ""}}, str(run / "ckpt.pt"))
+    write_json({"tokenizer": "char", "chars": CHARS}, str(run / "meta.json"))
+    docs = [d for d in successor_task(n_test=12, n_train=0)]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(str(tasks), docs)
+    r = subprocess.run([sys.executable, "harness.py", "--model", "nano", "--model_args", f"out_dir={run}",
+                        "--tasks", "nano_local_mc", "--include_path", str(tasks), "--output_path", str(tmp_path / "out"),
+                        "--device", "cpu"], cwd=ROOT, env=harness_env(str(tmp_path)), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [path] = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files if f.startswith("results")]
+    with open(path) as f:
+        got = json.load(f)["results"]["nano_local_mc"]
+    ours = evaluate.evaluate_choices(model, sample.load_model(str(run))[1], docs, answer_context="a")["accuracy"]
+    assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx((ours["sum"], ours["char"]))
+    assert "|nano_local_mc|" in r.stdout.replace(" ", "")  # the harness's own table
