@@ -226,6 +226,8 @@ def test_the_nano_model_answers_the_harness_as_its_own_hf_model_does(oracle):
 
 
 @needs_harness
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow set (a documented command, minutes on a busy "
+                                                         "CPU): RUN_SLOW=1 runs it")
 def test_the_documented_command_scores_a_train_run(tmp_path):
     """`python harness.py --model nano --model_args out_dir=RUN ...` from the repository's root,
     on a character-level train.py run: the harness's acc is evaluate.py's."""
@@ -253,3 +255,24 @@ def test_the_documented_command_scores_a_train_run(tmp_path):
     ours = evaluate.evaluate_choices(model, sample.load_model(str(run))[1], docs, answer_context="a")["accuracy"]
     assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx((ours["sum"], ours["char"]))
     assert "|nano_local_mc|" in r.stdout.replace(" ", "")  # the harness's own table
+
+
+@needs_harness
+def test_a_llava_run_is_scored_on_text_by_its_decoder(tmp_path):
+    """A llava.py run's out_dir: the harness's text requests go to its decoder, which reads
+    text as the whole LLaVA model does when no image is given."""
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    import harness
+    import llava
+    tok = llava.WordTokenizer(llava.build_vocab())
+    model = llava.new_llava(tok, llava.Settings(**llava.QUICK), "mlp").eval()
+    llava.save(model, tok, str(tmp_path / "ckpt.pt"))
+    lm = harness.NanoLM(out_dir=str(tmp_path), device="cpu")
+    context, continuation = "USER: what colour is the circle? ASSISTANT:", " red."
+    [(got, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    c, t = tok.encode(context), tok.encode(continuation)
+    with torch.no_grad():
+        lp = F.log_softmax(model(torch.tensor([c + t[:-1]]))[0][0], -1)[len(c) - 1:]  # (len(t), vocab)
+    assert got == pytest.approx(lp.gather(-1, torch.tensor(t)[:, None]).sum().item(), abs=1e-4)
