@@ -16,7 +16,7 @@ Read it next to GPT-3 (Brown et al. 2020, arXiv:2005.14165) section 2.4, "Evalua
     scored by exact match.
 The conventions follow EleutherAI's lm-evaluation-harness (its `loglikelihood`, its
 MultipleChoiceTask fields `query`, `choices`, `gold`, its `until` stop strings), so a
-task file reads the same in both.
+task file reads the same in both; harness.py runs our models inside the harness itself.
 
 A task is a JSONL file, one example per line:
     {"query": "c#a@t ->", "choices": ["cat", "CAT", "#@"], "gold": 0}    multiple choice
@@ -69,8 +69,9 @@ def encode_pair(tokenizer, context, continuation):
       1. all trailing whitespace of the context (spaces, "\n", "\t") moves to the front of
          the continuation: "Q:\n" + "A" is scored as "Q:" + "\nA";
       2. the whole string is encoded, and the context alone; the continuation is what the
-         whole has past the context's length. When BPE merged across the boundary, those
-         ids are not the continuation's own, but they are the ones the model reads;
+         whole has past the context's length, also when BPE merged across the boundary
+         ("the" + " object" -> "the▁" + "object": the ids are not the continuation's own,
+         and may be none; the harness's choice, kept so that the numbers agree);
       3. an empty context: the continuation alone, after prefix_token (or, when the
          continuation already starts with that token, its first token is the context)."""
     if not context:
