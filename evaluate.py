@@ -16,7 +16,7 @@ Read it next to GPT-3 (Brown et al. 2020, arXiv:2005.14165) section 2.4, "Evalua
     scored by exact match.
 The conventions follow EleutherAI's lm-evaluation-harness (its `loglikelihood`, its
 MultipleChoiceTask fields `query`, `choices`, `gold`, its `until` stop strings), so a
-task file reads the same in both.
+task file reads the same in both; harness.py runs our models inside the harness itself.
 
 A task is a JSONL file, one example per line:
     {"query": "c#a@t ->", "choices": ["cat", "CAT", "#@"], "gold": 0}    multiple choice
@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import json_lines
+from data.tokenizer import CharTokenizer
 from runs import exit_with_error, resolve_device
 from sample import load_model
 
@@ -52,19 +54,40 @@ ANSWER_CONTEXT = "Answer:"  # GPT-3's unconditional normalization conditions on 
 NORMALIZATIONS = ("sum", "token", "char", "unconditional")
 
 
-# ----------------------------------------------------------------------------- the models
 # ----------------------------------------------------------------------------- log-likelihood
+def prefix_token(tokenizer):
+    """The token a text with no context is conditioned on: lm-evaluation-harness's
+    prefix_token_id, the start token (<s>) when the tokenizer has one, else end-of-text
+    (None for a character vocabulary, which has neither)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bos if bos is not None else getattr(tokenizer, "eot_token", None)
+
+
 def encode_pair(tokenizer, context, continuation):
-    """(context_ids, continuation_ids) as lm-evaluation-harness tokenizes a request: trailing
-    spaces of the context move to the continuation, and the pair is encoded as one string
-    so a BPE merge across the boundary counts toward the continuation."""
-    n_spaces = len(context) - len(context.rstrip(" "))
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    """(context_ids, continuation_ids) exactly as lm-evaluation-harness tokenizes a request
+    (lm_eval/api/model.py, TemplateLM.loglikelihood and _encode_pair):
+      1. all trailing whitespace of the context (spaces, "\n", "\t") moves to the front of
+         the continuation: "Q:\n" + "A" is scored as "Q:" + "\nA";
+      2. the whole string is encoded, and the context alone; the continuation is what the
+         whole has past the context's length, also when BPE merged across the boundary
+         ("the" + " object" -> "the▁" + "object": the ids are not the continuation's own,
+         and may be none; the harness's choice, kept so that the numbers agree);
+      3. an empty context: the continuation alone, after prefix_token (or, when the
+         continuation already starts with that token, its first token is the context)."""
+    if not context:
+        continuation_ids = tokenizer.encode(continuation)
+        prefix = prefix_token(tokenizer)
+        if prefix is None:
+            raise ValueError("an empty context needs a start or end-of-text token to condition on, and this "
+                             "tokenizer has neither (a character vocabulary); give every request a context")
+        if continuation_ids[:1] == [prefix]:
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
+    n_whitespace = len(context) - len(context.rstrip())
+    if n_whitespace:
+        context, continuation = context[:-n_whitespace], context[-n_whitespace:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    if whole[:len(context_ids)] != context_ids:  # a merge across the boundary: split there anyway
-        return context_ids, tokenizer.encode(continuation)
     return context_ids, whole[len(context_ids):]
 
 
@@ -82,6 +105,11 @@ def loglikelihood(model, context_ids, continuation_ids, batch_size=32):
     given lists of requests (context_ids: list of lists). Requests are sorted by length,
     right-padded into batches of batch_size (a causal model never reads the padding to
     its right) and returned in their order.
+
+    An empty continuation (encode_pair gives one when BPE merged all of it into the
+    context) is (0.0, True): the log-probability of nothing. The harness gives the same
+    when it batches the request with a one-token continuation of the same context (its
+    logits cache), and stops on an assert otherwise. Beware: such a choice always wins.
     """
     single = not context_ids or not isinstance(context_ids[0], (list, tuple))
     if single:
@@ -91,9 +119,9 @@ def loglikelihood(model, context_ids, continuation_ids, batch_size=32):
     window = _window(model)
     rows, cut = [], 0
     for ctx, cont in zip(context_ids, continuation_ids):
-        if not ctx or not cont:
-            raise ValueError("a request needs a context and a continuation of at least one token each "
-                             "(lm-evaluation-harness puts the end-of-text token before an empty context)")
+        if not ctx:
+            raise ValueError("a request needs a context of at least one token (encode_pair puts the start or "
+                             "end-of-text token before an empty context, as lm-evaluation-harness does)")
         if len(cont) > window:
             raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's window of {window}")
         whole = list(ctx) + list(cont)
@@ -102,8 +130,8 @@ def loglikelihood(model, context_ids, continuation_ids, batch_size=32):
     if cut:
         warnings.warn(f"{cut} of {len(rows)} requests are longer than the model's window of {window} tokens: "
                       f"their contexts were truncated from the left", stacklevel=2)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first, as the harness
-    results = [None] * len(rows)
+    results = [(0.0, True) if not cont else None for _, cont in rows]
+    order = sorted((i for i in range(len(rows)) if rows[i][1]), key=lambda i: -len(rows[i][0]))  # longest first
     device = model.tok_embeddings.weight.device
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start:start + batch_size]]
@@ -122,47 +150,98 @@ def loglikelihood(model, context_ids, continuation_ids, batch_size=32):
 
 
 # ----------------------------------------------------------------------------- perplexity
-def perplexity(model, tokenizer, text, stride=None, batch_size=32):
-    """Perplexity per token and bits per byte of a text.
-
-    Every token is predicted once, in windows of `stride` tokens (default: the model's
-    window, lm-evaluation-harness's disjoint rolling windows) with as much of the text
-    before them as fits as context. The first token is conditioned on the end-of-text
-    token when the tokenizer has one, else it is not scored (nor are its bytes).
-    bits per byte = total NLL / (ln 2 * UTF-8 bytes): comparable across tokenizers.
-    """
-    window = _window(model)
+def rolling_requests(ids, prefix, window, stride=None):
+    """Every token of ids as the continuation of one request, in windows of `stride` tokens
+    (default: the model's window, lm-evaluation-harness's disjoint rolling windows,
+    lm_eval/utils.py get_rolling_token_windows with context_len=1), each with as much of
+    the text before it as fits as context. The first token is conditioned on `prefix`, or,
+    when there is none, is not scored. Returns (contexts, continuations)."""
     stride = stride or window
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in 1 .. {window} (the model's window), got {stride}")
-    ids = tokenizer.encode(text)
-    eot = getattr(tokenizer, "eot_token", None)
-    full = ([eot] if eot is not None else []) + ids
-    first = 1  # full[0] is never predicted
-    if len(full) < 2:
-        raise ValueError("the text is too short to score: it needs at least two tokens")
+    full = ([prefix] if prefix is not None else []) + list(ids)  # full[0] is never predicted
     contexts, continuations = [], []
-    for j in range(first, len(full), stride):
+    for j in range(1, len(full), stride):
         cont = full[j:j + stride]
         contexts.append(full[max(0, j - (window + 1 - len(cont))):j])
         continuations.append(cont)
-    nll = -sum(lp for lp, _ in loglikelihood(model, contexts, continuations, batch_size))
-    n_tokens = len(full) - 1
-    n_bytes = len(text.encode("utf-8")) - (0 if eot is not None else len(tokenizer.decode(ids[:1]).encode()))
+    return contexts, continuations
+
+
+def loglikelihood_rolling(model, tokenizer, text, stride=None, batch_size=32):
+    """(log P(text), tokens scored): lm-evaluation-harness's loglikelihood_rolling."""
+    ids = tokenizer.encode(text)
+    contexts, continuations = rolling_requests(ids, prefix_token(tokenizer), _window(model), stride)
+    if not continuations:
+        return 0.0, 0
+    return sum(lp for lp, _ in loglikelihood(model, contexts, continuations, batch_size)), sum(map(len, continuations))
+
+
+def perplexity(model, tokenizer, text, stride=None, batch_size=32):
+    """Perplexity per token and bits per byte of a text, every token scored once by
+    loglikelihood_rolling. Without a prefix token (a character vocabulary) the first
+    token, and its bytes, are not scored.
+    bits per byte = total NLL / (ln 2 * UTF-8 bytes): comparable across tokenizers.
+    """
+    logprob, n_tokens = loglikelihood_rolling(model, tokenizer, text, stride, batch_size)
+    if n_tokens == 0:
+        raise ValueError("the text is too short to score: it needs at least two tokens")
+    nll = -logprob
+    skipped = b"" if prefix_token(tokenizer) is not None else tokenizer.decode(tokenizer.encode(text)[:1]).encode()
+    n_bytes = len(text.encode("utf-8")) - len(skipped)
     return {"tokens": n_tokens, "bytes": n_bytes, "nll_per_token": nll / n_tokens,
             "perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / (math.log(2) * n_bytes)}
 
 
 # ----------------------------------------------------------------------------- task files
-def read_task(path):
-    """Examples of a JSONL task file, checked line by line (a bad line names its number)."""
-    docs = []
+def read_task(path, tokenizer=None, unknown="error"):
+    """Examples of a JSONL task file, checked line by line (a bad line names its number).
+    Given the tokenizer, characters it cannot encode are handled as `unknown` says
+    (see clean_text); returns (docs, how many were skipped or replaced) then."""
+    docs, n_unknown = [], 0
     with open(path, encoding="utf-8") as f:
         for n, doc in json_lines(f, path):
-            docs.append(check_doc(doc, f"{path} line {n}"))
+            doc = check_doc(doc, f"{path} line {n}")
+            if tokenizer is not None:
+                for key in ("query", "answer", "choices"):
+                    texts = doc.get(key)
+                    if texts is None:
+                        continue
+                    cleaned = [clean_text(tokenizer, t, f'{path} line {n}, "{key}"', unknown)
+                               for t in (texts if key == "choices" else [texts])]
+                    n_unknown += sum(k for _, k in cleaned)
+                    doc[key] = [t for t, _ in cleaned] if key == "choices" else cleaned[0][0]
+            docs.append(doc)
     if not any(d.get("split", "test") == "test" for d in docs):
         raise ValueError(f"{path}: no test examples (lines without \"split\" or with \"split\": \"test\")")
-    return docs
+    return docs if tokenizer is None else (docs, n_unknown)
+
+
+UNKNOWN = ("error", "skip", "replace")
+REPLACEMENT = " "  # --unknown replace: what an unknown character becomes (when the vocabulary has it)
+
+
+def clean_text(tokenizer, text, where, unknown="error"):
+    """(text, how many characters were skipped or replaced). Only a character vocabulary
+    (data/tokenizer.py's CharTokenizer) has characters it cannot encode; BPE falls back
+    to bytes. unknown="error" raises one line naming the first one and its place."""
+    if not isinstance(tokenizer, CharTokenizer):
+        return text, 0
+    stoi = tokenizer.stoi
+    bad = [i for i, c in enumerate(text) if c not in stoi]
+    if not bad:
+        return text, 0
+    if unknown == "error":
+        i = bad[0]
+        line = text.count("\n", 0, i) + 1
+        column = i - (text.rfind("\n", 0, i) + 1) + 1
+        raise ValueError(f"{where}: character {text[i]!r} (line {line}, column {column}) is not in the model's "
+                         f"vocabulary of {tokenizer.n_vocab} characters, nor are {len(bad) - 1} more; "
+                         f"--unknown skip drops them, --unknown replace makes them {REPLACEMENT!r}")
+    if unknown == "replace" and REPLACEMENT not in stoi:
+        raise ValueError(f"--unknown replace: the vocabulary has no {REPLACEMENT!r} to replace with; use --unknown skip")
+    new = REPLACEMENT if unknown == "replace" else ""
+    return "".join(new if c not in stoi else c for c in text), len(bad)
 
 
 def check_doc(doc, where):
@@ -220,7 +299,7 @@ def normalized_scores(lls, n_tokens, n_chars, lls_unconditional):
     sum log P; per token; per character (lm-evaluation-harness's acc_norm); and
     log P(completion | context) - log P(completion | answer_context)."""
     return {"sum": list(lls),
-            "token": [ll / n for ll, n in zip(lls, n_tokens)],
+            "token": [ll / max(n, 1) for ll, n in zip(lls, n_tokens)],  # (an empty continuation: 0)
             "char": [ll / n for ll, n in zip(lls, n_chars)],
             "unconditional": [ll - u for ll, u in zip(lls, lls_unconditional)]}
 
@@ -257,13 +336,22 @@ def evaluate_choices(model, tokenizer, docs, k=0, seed=0, description="", answer
 
 
 # ----------------------------------------------------------------------------- exact match
+def prompt_room(model, max_gen_toks):
+    return max(1, _window(model) - max_gen_toks)
+
+
 @torch.no_grad()
 def greedy_until(model, tokenizer, prompt_ids, until, max_gen_toks=32):
-    """Greedy continuation of prompt_ids (KV-cached), cut at the first stop string."""
+    """Greedy continuation of prompt_ids (KV-cached), cut at the first stop string or end-of-text.
+    As lm-evaluation-harness, the prompt keeps its last window - max_gen_toks tokens, so
+    that prompt and answer fit the window together."""
     device = model.tok_embeddings.weight.device
-    idx = torch.tensor([prompt_ids[-_window(model):]], device=device)  # (1, T)
+    idx = torch.tensor([prompt_ids[-prompt_room(model, max_gen_toks):]], device=device)  # (1, T)
     new = []
+    eot = getattr(tokenizer, "eot_token", None)
     for token in model.generate_tokens(idx, max_gen_toks, temperature=0, n_vocab=tokenizer.n_vocab):
+        if int(token[0]) == eot:  # (lm-evaluation-harness adds end-of-text to the stop strings)
+            break
         new.append(int(token[0]))
         text = tokenizer.decode(new)
         if any(s in text for s in until):
@@ -280,13 +368,13 @@ def evaluate_generation(model, tokenizer, docs, k=0, seed=0, description="", max
     for i in tests:
         doc = docs[i]
         ids = tokenizer.encode(build_prompt(doc, fewshot(docs, i, k, seed), description))
-        cut += len(ids) > _window(model)
+        cut += len(ids) > prompt_room(model, max_gen_toks)
         got = greedy_until(model, tokenizer, ids, doc.get("until") or [FEWSHOT_DELIMITER], max_gen_toks)
         predictions.append(got)
         correct += got.strip() == doc["answer"].strip()
     if cut:
         warnings.warn(f"{cut} of {len(tests)} prompts are longer than the model's window of {_window(model)} "
-                      f"tokens: truncated from the left", stacklevel=2)
+                      f"tokens less --max_gen_toks {max_gen_toks}: truncated from the left", stacklevel=2)
     return {"n": len(tests), "accuracy": {"exact_match": correct / len(tests)}, "predictions": predictions}
 
 
@@ -314,6 +402,30 @@ def bench_eval(model, tokenizer, docs, batch_sizes=(1, 32), rounds=3):
 
 
 # ----------------------------------------------------------------------------- command line
+def summary(result, args):
+    """The result in a few readable lines (stderr, before the JSON on stdout)."""
+    source = args.out_dir or args.hf_dir
+    if args.bench:
+        lines = [f"{source} on {args.task}: multiple-choice examples per second, " +
+                 ", ".join(f"{k} {v:,.1f}" for k, v in result.items())]
+    elif args.text:
+        lines = [f"{source} on {args.text}: {result['tokens']:,} tokens, {result['bytes']:,} bytes",
+                 f"  perplexity {result['perplexity']:,.3f} per token, {result['bits_per_byte']:.4f} bits per byte"]
+    else:
+        acc = result["accuracy"]
+        lines = [f"{source} on {args.task}: {result['n']} test examples, {args.num_fewshot} shots (seed {args.seed})"]
+        if "exact_match" in acc:
+            lines.append(f"  exact match {acc['exact_match']:.1%}")
+        else:
+            names = {"sum": "sum log P (acc)", "token": "per token", "char": "per character (acc_norm)",
+                     "unconditional": "unconditional"}
+            lines += [f"  accuracy, {names[k]:<26} {v:.1%}" for k, v in acc.items()]
+    if result.get("unknown_characters"):
+        lines.append(f"  {result['unknown_characters']} unknown characters were {args.unknown}"
+                     f"{'d' if args.unknown == 'replace' else 'ped'} (--unknown {args.unknown})")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -332,31 +444,44 @@ def main(argv=None):
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
     p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--unknown", default="error", choices=UNKNOWN, help="characters a character-level model "
+                   f"cannot encode: an error naming the first, skipped, or replaced by {REPLACEMENT!r}")
     p.add_argument("--bench", action="store_true", help="--task: multiple-choice examples/s at batch 1 and "
                    "--batch_size instead of the accuracies")
     args = p.parse_args(argv)
     try:
         if args.num_fewshot < 0 or args.batch_size < 1:
             raise ValueError("--num_fewshot must be >= 0 and --batch_size >= 1")
-        docs = read_task(args.task) if args.task else None
+        if args.task:
+            read_task(args.task)  # bad lines are found before the model loads
         if args.text and not os.path.isfile(args.text):
             raise FileNotFoundError(f"--text {args.text}: no such file")
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)
+        if args.text:
+            with open(args.text, encoding="utf-8") as f:
+                text, n_unknown = clean_text(tokenizer, f.read(), args.text, args.unknown)
+        else:
+            docs, n_unknown = read_task(args.task, tokenizer, args.unknown)
+            description, n = clean_text(tokenizer, args.description, "--description", args.unknown)
+            answer_context, m = clean_text(tokenizer, args.answer_context, "--answer_context", args.unknown)
+            n_unknown += n + m
         if args.bench:
-            if not docs or "choices" not in docs[0]:
+            if args.text or "choices" not in docs[0]:
                 raise ValueError("--bench measures a multiple-choice --task")
             result = bench_eval(model, tokenizer, docs, (1, args.batch_size))
         elif args.text:
-            with open(args.text, encoding="utf-8") as f:
-                result = perplexity(model, tokenizer, f.read(), args.stride or None, args.batch_size)
+            result = perplexity(model, tokenizer, text, args.stride or None, args.batch_size)
         else:
             result = evaluate_task(model, tokenizer, docs, k=args.num_fewshot, seed=args.seed,
-                                   description=args.description, answer_context=args.answer_context,
+                                   description=description, answer_context=answer_context,
                                    batch_size=args.batch_size, max_gen_toks=args.max_gen_toks)
             result.pop("predictions", None)
+        if n_unknown:
+            result["unknown_characters"] = n_unknown
     except (ValueError, OSError, ImportError) as e:
         exit_with_error(e)
+    print(summary(result, args), file=sys.stderr)
     print(json.dumps(result, indent=1))
 
 

@@ -44,6 +44,7 @@ class HFTokenizer:
         self.tok = Tokenizer.from_file(path)
         self.n_vocab = self.tok.get_vocab_size()
         self.eot_token = self.tok.token_to_id("</s>")
+        self.bos_token = self.tok.token_to_id("<s>")  # (None when the vocabulary has no "<s>")
 
     def encode(self, text):
         return self.tok.encode(text).ids

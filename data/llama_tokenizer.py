@@ -23,6 +23,7 @@ of MB/s) and this one otherwise; tests/test_data.py checks both give the same id
 import hashlib
 import heapq
 import json
+import re
 import struct
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
@@ -34,10 +35,15 @@ class LlamaTokenizer:
 
     pieces: id -> piece string. Exactly one of merges (list of (left, right) pairs in
     priority order, Hugging Face) or scores (id -> float, SentencePiece) ranks the merges.
+    added: {text: id} of tokenizer.json's added tokens ("<s>", "</s>", ...): where their
+    text appears literally it is that one id, as the `tokenizers` library reads it; the
+    text between them is encoded piece by piece, each with its "▁" in front, or only the
+    one at the start of the text when prefix_first_only (Metaspace's prepend_scheme "first").
     """
 
     def __init__(self, pieces, merges=None, scores=None, byte_fallback=True, add_prefix=True,
-                 prefix_if_missing=False, unk_id=0, bos_id=1, eos_id=2, fuse_unk=True, source=""):
+                 prefix_if_missing=False, unk_id=0, bos_id=1, eos_id=2, fuse_unk=True, source="",
+                 added=None, prefix_first_only=False):
         self.pieces = list(pieces)
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         if merges is not None:
@@ -46,6 +52,9 @@ class LlamaTokenizer:
             self.rank = None
             self.score = {p: scores[i] for i, p in enumerate(self.pieces)}
         self.byte_fallback, self.add_prefix, self.prefix_if_missing = byte_fallback, add_prefix, prefix_if_missing
+        self.prefix_first_only = prefix_first_only
+        self.added = dict(added or {})  # the longest match first, as the library's leftmost-longest search
+        self.added_pattern = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) or "(?!)")
         self.fuse_unk = fuse_unk  # a run of unknown characters becomes one <unk>
         self.byte_ids = [self.ids.get(f"<0x{b:02X}>") for b in range(256)]
         self.unk_token, self.bos_token, self.eot_token = unk_id, bos_id, eos_id
@@ -59,16 +68,26 @@ class LlamaTokenizer:
         s = self.score.get(a + b)
         return None if s is None else -s
 
-    def normalize(self, text):
+    def normalize(self, text, at_start=True):
         text = text.replace(" ", SPACE)
-        if self.add_prefix and not (self.prefix_if_missing and text.startswith(SPACE)):
+        prefix = self.add_prefix and (at_start or not self.prefix_first_only)
+        if prefix and not (self.prefix_if_missing and text.startswith(SPACE)):
             text = SPACE + text
         return text
 
     def encode(self, text):
+        """Added tokens' literal text first ("a<s>b" -> "a", <s>, "b"), then BPE on the rest."""
+        ids, start = [], 0
+        for m in self.added_pattern.finditer(text):
+            ids += self.encode_ordinary(text[start:m.start()], at_start=start == 0)
+            ids.append(self.added[m.group()])
+            start = m.end()
+        return ids + self.encode_ordinary(text[start:], at_start=start == 0)
+
+    def encode_ordinary(self, text, at_start=True):
         if not text:
             return []
-        sym = list(self.normalize(text))  # one symbol per character; merged symbols grow in place
+        sym = list(self.normalize(text, at_start))  # one symbol per character; merged symbols grow in place
         n = len(sym)
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # a doubly linked list over positions
         heap = []
@@ -133,7 +152,8 @@ def read_hf_json(path):
 
     Understood: model BPE (byte_fallback), the legacy normalizer [Prepend("▁"),
     Replace(" ", "▁")] of Llama 2 / TinyLlama, or a Metaspace pre-tokenizer that does
-    not split. Anything else is refused with a ValueError naming it."""
+    not split; added tokens matched on the raw text. Anything else is refused with a
+    ValueError naming it."""
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     model = spec.get("model") or {}
@@ -147,25 +167,32 @@ def read_hf_json(path):
     for piece, i in vocab.items():
         pieces[i] = piece
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    add_prefix, prefix_if_missing = _hf_prefix_rule(spec, path)
+    add_prefix, prefix_if_missing, first_only = _hf_prefix_rule(spec, path)
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    odd = [t["content"] for t in spec.get("added_tokens", [])
+           if t.get("normalized") or t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
+    if odd:
+        raise ValueError(f"{path}: added tokens {odd[:3]} are matched after normalization or strip spaces, "
+                         f"which is not Llama's layout read here; pip install tokenizers to load it")
     return LlamaTokenizer(pieces, merges=merges, byte_fallback=model.get("byte_fallback", False),
                           add_prefix=add_prefix, prefix_if_missing=prefix_if_missing,
+                          added=special, prefix_first_only=first_only,
                           unk_id=vocab.get(model.get("unk_token") or "<unk>", 0),
                           bos_id=special.get("<s>", vocab.get("<s>")), eos_id=special.get("</s>", vocab.get("</s>")),
                           fuse_unk=model.get("fuse_unk", False), source=path)
 
 
 def _hf_prefix_rule(spec, path):
-    """(add "▁" in front?, only when the text does not already start with one?)"""
+    """(add "▁" in front?, only when the text does not already start with one?, only in
+    front of the whole text, not after each added token?)"""
     norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
     steps = (norm or {}).get("normalizers", [norm] if norm else [])
     kinds = [s["type"] for s in steps]
     if pre is None and kinds in (["Prepend", "Replace"], ["Replace"]):
-        return kinds[0] == "Prepend", False  # Llama 2 / TinyLlama (the "legacy" format)
+        return kinds[0] == "Prepend", False, False  # Llama 2 / TinyLlama (the "legacy" format)
     if not steps and pre and pre.get("type") == "Metaspace" and not pre.get("split", True):
         scheme = pre.get("prepend_scheme", "always")
-        return scheme != "never", True  # Metaspace skips the prefix when the text starts with "▁"
+        return scheme != "never", True, scheme == "first"  # Metaspace: no prefix on a text starting with "▁"
     raise ValueError(f"{path}: normalizer {kinds} with pre-tokenizer {(pre or {}).get('type')} is not the "
                      f"Llama layout read here; pip install tokenizers to load it")
 

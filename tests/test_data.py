@@ -189,6 +189,11 @@ def hf_json(request, tmp_path_factory):
     return path
 
 
+# literal special-token text: one id wherever it appears, the text between encoded on its own
+SPECIAL_TEXTS = ["a<s>b", "<s>hello", "hello </s> world", " <s> x", "x<s>", "<s>", "</s></s>", "<s >", "a <unk> b",
+                 "<0x41>B", "  two\n<s>\n", "日本<s>語", "<s><s>", "</s"]
+
+
 def test_llama_tokenizer_json_ids_equal_tokenizers(hf_json):
     from tokenizers import Tokenizer
 
@@ -196,9 +201,13 @@ def test_llama_tokenizer_json_ids_equal_tokenizers(hf_json):
     ref = Tokenizer.from_file(hf_json)
     ours, lib = load_llama_tokenizer(hf_json, backend="python"), load_llama_tokenizer(hf_json, backend="library")
     assert (ours.bos_token, ours.eot_token) == (ref.token_to_id("<s>"), ref.token_to_id("</s>"))
-    for text in llama_texts():
+    for text in llama_texts() + SPECIAL_TEXTS:
         ids = ours.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False).ids == lib.encode(text), text[:60]
+    bos, eos = ours.bos_token, ours.eot_token
+    assert ours.encode("<s>") == [bos] and ours.encode("</s></s>") == [eos, eos]
+    assert ours.encode("a<s>b") == ours.encode("a") + [bos] + (ours.encode("b") if hf_json.endswith("legacy.json")
+                                                               else ours.encode_ordinary("b", at_start=False))
     ids = ours.encode("tabs\there, 日本")
     assert ("<unk>" in [ours.pieces[i] for i in ids]) == hf_json.endswith("no-bytes.json")
     if not hf_json.endswith("no-bytes.json"):  # (the library spells <unk> out, ours drops it)

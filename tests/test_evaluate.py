@@ -15,7 +15,7 @@ from torch import nn
 import evaluate
 import sample
 from checkpoint import save_checkpoint, write_json
-from conftest import ROOT, tiny_config
+from conftest import ROOT, one_error_line, tiny_config
 from data.tokenizer import CharTokenizer
 from model import Transformer
 
@@ -237,9 +237,36 @@ def test_bad_inputs_are_one_line_each(run_dir, tmp_path, capsys):
     (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n" + json.dumps({**long, "query": "ab"}) + "\n")
     r = cli("--out_dir", run_dir, "--task", tmp_path / "long.jsonl", "--device", "cpu", "--answer_context", "a")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.splitlines() == ["warning: 2 of 8 requests are longer than the model's window of 16 tokens: "
-                                     "their contexts were truncated from the left"]
-    assert json.loads(r.stdout)["n"] == 2
+    warning, *summary = r.stderr.splitlines()
+    assert warning == ("warning: 2 of 8 requests are longer than the model's window of 16 tokens: "
+                       "their contexts were truncated from the left")
+    result = json.loads(r.stdout)  # stdout is the JSON alone; the readable summary went to stderr first
+    assert result["n"] == 2
+    assert summary[0] == f"{run_dir} on {tmp_path / 'long.jsonl'}: 2 test examples, 0 shots (seed 0)"
+    assert summary[1:] == [f"  accuracy, {name:<26} {result['accuracy'][key]:.1%}" for key, name in
+                           [("sum", "sum log P (acc)"), ("token", "per token"), ("char", "per character (acc_norm)"),
+                            ("unconditional", "unconditional")]]
+
+
+def test_unknown_characters_are_named_or_skipped_or_replaced(run_dir, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("abc def\nab\u2581cd ghij\nXa")  # '▁' (line 2, column 3) and 'X' are not in CHARS
+    err = one_error_line(capsys, evaluate.main, ["--out_dir", str(run_dir), "--text", str(notes), "--device", "cpu"])
+    assert err == (f"error: {notes}: character '\u2581' (line 2, column 3) is not in the model's vocabulary of "
+                   f"{len(CHARS)} characters, nor are 1 more; --unknown skip drops them, --unknown replace makes "
+                   f"them ' '")
+    model, tok = sample.load_model(str(run_dir))
+    for how, clean in [("skip", "abc def\nabcd ghij\na"), ("replace", "abc def\nab cd ghij\n a")]:
+        evaluate.main(["--out_dir", str(run_dir), "--text", str(notes), "--device", "cpu", "--unknown", how])
+        out = capsys.readouterr()
+        result = json.loads(out.out)
+        assert result == {**evaluate.perplexity(model, tok, clean), "unknown_characters": 2}
+        assert out.err.splitlines()[-1] == f"  2 unknown characters were {how}{'d' if how == 'replace' else 'ped'} " \
+                                           f"(--unknown {how})"
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"query": "ab", "answer": "c"}\n\n{"query": "ab", "choices": ["c", "Dd"], "gold": 0}\n')
+    err = one_error_line(capsys, evaluate.main, ["--out_dir", str(run_dir), "--task", str(task), "--device", "cpu"])
+    assert err.startswith(f'error: {task} line 3, "choices": character \'D\' (line 1, column 1) is not in')
 
 
 def test_icl_experiment_quick(tmp_path):
