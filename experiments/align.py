@@ -112,6 +112,7 @@ def main():
     if args.eval_seeds < 1 or args.threads < 1:
         p.error("--eval_seeds and --threads must be >= 1")
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # train.py (the base) keeps this count too
     t0 = time.time()
     root = os.path.join(OUT, "align" + ("_quick" if args.quick else ""))
     cfg = AlignConfig(**({**align.QUICK} if args.quick else {}), out_dir=root)

@@ -305,11 +305,12 @@ def test_experiment_quick_shows_each_effect(tmp_path):
 
 
 @slow
-def test_reward_model_at_the_documented_size_reaches_its_floor(tmp_path):
+def test_reward_model_at_the_documented_size_reaches_its_floor(tmp_path, monkeypatch):
     """The regression guard's slow half: base -> SFT -> RM at align.PIPELINE's settings. The RM's
     held-out accuracy drifted to chance once (a change in train.py's batches moved a noise-level
     RM) and no test noticed; this one would have."""
     from dataclasses import asdict
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread, as the published run: the same numbers
     cfg = AlignConfig(out_dir=str(tmp_path), threads=1)
     torch.set_num_threads(1)
     d = {s: str(tmp_path / s) for s in ("base", "sft", "rm")}
