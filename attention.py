@@ -39,7 +39,7 @@ from torch import nn
 # i + hd/2. Meta's original code pairs neighbours (2i, 2i + 1) as complex numbers; the two
 # are the same rotation after permuting the rows of wq and wk, which is what Hugging
 # Face's conversion script does once. Since we use the Hugging Face layout, HF checkpoints
-# load as they are (tests/test_model.py shows the other layout and the permutation).
+# load as they are (tests/test_attention.py shows the other layout and the permutation).
 
 
 def rope_cache(head_dim, max_len, theta=10000.0):

@@ -222,7 +222,7 @@ def hf_lora_name(name):
 
 def save_lora(model, path, base_path=""):
     """adapter_config.json + adapter_model.safetensors as HF PEFT writes them, names matching
-    the model that model.save_hf exports; each file written atomically."""
+    the model that hf.save_llama exports; each file written atomically."""
     cfg = getattr(model, "peft_config", None)
     if not cfg or cfg["peft"] != "lora":
         raise ValueError("the model has no LoRA adapters to save; call apply_lora first")

@@ -380,7 +380,7 @@ def block_linear_shapes(config):
 
 
 def count_params(config):
-    """Parameter count from the config alone (no weights allocated); equals Transformer(config).num_params()."""
+    """Parameter count from the config alone (no weights allocated), as many as Transformer(config) has."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     linears = sum(o * i for o, i in block_linear_shapes(config).values())
     norms = C if config.parallel_block else 2 * C

@@ -465,7 +465,7 @@ def quantization_method(model):
 METHODS = ("nf4", "nf4-dq", "int8")
 
 
-def compute_dtype(device):
+def compute_dtype_for(device):
     """The dtype a quantized layer computes in (QLoRA section 3): bf16 on a GPU; fp32 on a
     CPU, where bf16 matmuls are hundreds of times slower without bf16 units."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -132,7 +132,7 @@ def apply_peft(model, tc):
     if tc["peft"] == "prefix":
         return peft.apply_prefix(model, tc["prefix_len"], tc["prefix_hidden"])
     if tc["peft"] == "qlora":  # QLoRA section 3: NF4 + double-quantized base, LoRA on every linear layer
-        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(resolve_device(tc["device"])))
+        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype_for(resolve_device(tc["device"])))
     targets = "all" if tc["peft"] == "qlora" else tc["lora_targets"]
     return peft.apply_lora(model, tc["lora_r"], tc["lora_alpha"], targets, tc["lora_dropout"])
 

@@ -68,7 +68,7 @@ def load_model(out_dir="", hf_dir="", device="cpu", adapter="", quantize=""):
             raise ValueError(f"{out_dir} is a --peft {method} run (an adapter on its base); pass it alone as "
                              f"--out_dir, or give its base as --out_dir and it as --adapter")
     if quantize:  # before the adapter: QLoRA's adapters sit on an NF4 base
-        quant.quantize_model(model, quantize, compute_dtype=quant.compute_dtype(torch.device(device)))
+        quant.quantize_model(model, quantize, compute_dtype=quant.compute_dtype_for(torch.device(device)))
     if adapter:
         inner = os.path.join(adapter, "adapter")  # a --peft training run writes out_dir/adapter
         run = os.path.join(adapter, "ckpt.pt")
@@ -81,7 +81,7 @@ def add_adapter(model, path, method=""):
     """A LoRA / prefix adapter on the model; a QLoRA adapter gets its NF4 + DQ base."""
     if method == "qlora" and quant.quantization_method(model) is None:
         print("the adapter was trained with --peft qlora: storing the base in nf4-dq as it was", file=sys.stderr)
-        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype(model.tok_embeddings.weight.device))
+        quant.quantize_model(model, "nf4-dq", compute_dtype=quant.compute_dtype_for(model.tok_embeddings.weight.device))
     return load_adapter(model, path)
 
 
@@ -95,7 +95,7 @@ def read_prompt(prompt):
     return prompt
 
 
-def recordable(model, prompt_ids, max_new_tokens):
+def fits_graph_step(model, prompt_ids, max_new_tokens):
     """Whether decode's CUDA-graph step can decode this prompt: on a GPU, when
     decode.check_batch accepts it."""
     if model.tok_embeddings.weight.device.type != "cuda":
@@ -116,7 +116,7 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     printed = tokenizer.decode(ids)
     out.write(printed)
     sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if recordable(model, prompt_ids, args.max_new_tokens):
+    if fits_graph_step(model, prompt_ids, args.max_new_tokens):
         tokens = decode.batched_tokens(model, [prompt_ids], *sampling, eos_id=args.eos_id, generator=generator,
                                        n_vocab=tokenizer.n_vocab, cuda_graph=True)
     else:

@@ -266,7 +266,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
         eos = eager[1][len(prompts[1]) + 4]  # row 1 ends early; the finished row is fed pads in the replay
         assert decode.batched_generate(model, prompts, 30, temperature=0, eos_id=eos, cuda_graph=True) == \
             decode.batched_generate(model, prompts, 30, temperature=0, eos_id=eos)
-    assert sample.recordable(model, [1] * 11, 30) and not sample.recordable(model, [1] * 11, 64)
+    assert sample.fits_graph_step(model, [1] * 11, 30) and not sample.fits_graph_step(model, [1] * 11, 64)
 
 
 class SpacedTokenizer:
@@ -285,7 +285,7 @@ def test_sample_streams_the_same_tokens_through_the_graph_step(monkeypatch, temp
     args = argparse.Namespace(max_new_tokens=25, temperature=temperature, top_k=20, top_p=None, eos_id=None)
     streams = []
     for graph in (False, True):
-        monkeypatch.setattr(sample, "recordable", lambda *a: graph)  # on a CPU the step runs eagerly
+        monkeypatch.setattr(sample, "fits_graph_step", lambda *a: graph)  # on a CPU the step runs eagerly
         out = io.StringIO()
         ids = sample.stream(model, SpacedTokenizer(), [4, 8, 15], args, torch.Generator().manual_seed(5), out)
         streams.append((ids, out.getvalue()))
