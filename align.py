@@ -149,6 +149,7 @@ class AlignConfig:
     # rm: K samples per prompt, all C(K, 2) comparisons of a prompt in one batch
     k: int = 4
     rm_prompts: int = 400
+    rm_demo: bool = False  # rm: the demonstration is one of the K (always a decidable pair; an RM may learn its style)
     prefs: str = ""  # dpo (and rm): a prefs.jsonl; rm writes out_dir/prefs.jsonl when empty
     rm_lm: bool = True  # rm: add the RM's own mean log-probability of the response (False: the head alone)
     # ppo / grpo
@@ -170,6 +171,11 @@ class AlignConfig:
     dpo_beta: float = 0.1
 
 
+# --quick on the command line: seconds per stage, to try the commands (CI runs each documented one)
+SMOKE = dict(iters=3, batch_size=4, eval_every=3, eval_prompts=4, n_layer=1, n_embd=32, n_head=2, block_size=64,
+             mix=50, pretrain_docs=100, k=3, rm_prompts=20, rm_demo=True, prompts_per_step=2, samples_per_prompt=2,
+             ppo_epochs=1, minibatches=1, max_new_tokens=8)
+# experiments/align.py --quick: a small model trained enough to show each effect's direction
 QUICK = dict(n_layer=2, n_embd=64, n_head=4, block_size=64, mix=600, pretrain_docs=100, eval_prompts=8,
              max_new_tokens=8, families="upper,reverse,repeat")  # --quick: three families, a small model
 # (the stages' budgets are in PIPELINE_QUICK)
@@ -595,9 +601,11 @@ def make_prefs(run, n_prompts, k):
     r, g = run.step_rngs(-2)
     rows = []
     tasks = run.tasks(r, n_prompts)
-    _, _, samples = run.rollouts(run.model, tasks, k, g)
+    n = k - 1 if run.cfg.rm_demo else k
+    _, _, samples = run.rollouts(run.model, tasks, n, g)
     for i, task in enumerate(tasks):
-        texts = sorted(set(samples[i * k:(i + 1) * k]))
+        demo = [task["answer"] + EOT] if run.cfg.rm_demo else []
+        texts = sorted(set(samples[i * n:(i + 1) * n] + demo))
         scored = sorted(((gold_score(task, t), t) for t in texts), reverse=True)
         for (sa, a), (sb, b) in itertools.combinations(scored, 2):
             if sa > sb:
@@ -648,9 +656,10 @@ def split_prompts(path, groups, every=10):
         k = family[prompt]
         seen[k] = seen.get(k, 0) + 1
         (val if seen[k] % every == 0 else train).append((prompt, pairs))
-    if not val or not train:
-        raise ValueError(f"{path}: {len(groups)} prompts are too few to hold out every {every}th; give at least "
-                         f"{every} prompts of one family")
+    if not val and len(train) > 1:  # a few prompts only (a smoke run): hold out the last
+        val.append(train.pop())
+    if not val:
+        raise ValueError(f"{path} holds comparisons for one prompt only; the RM needs at least two (one held out)")
     return train, val
 
 
@@ -1004,7 +1013,7 @@ PIPELINE = {
     "grpo": dict(iters=30, learning_rate=1e-4, samples_per_prompt=8, prompts_per_step=32, ppo_epochs=2,
                  eval_every=10),
 }
-# --quick: the same stages on a smaller model and budget (seconds each), for CI and a first look
+# experiments/align.py --quick: the same stages on QUICK's smaller model and budget
 PIPELINE_QUICK = {
     "base": dict(iters=150, batch_size=16, eval_every=150),
     "sft": dict(iters=200, gamma=1.0, eval_every=200),
@@ -1016,20 +1025,21 @@ PIPELINE_QUICK = {
 }
 
 
-def run_pipeline(cfg, quick):
-    """base -> sft -> rm -> ppo, then dpo and grpo from the same SFT run, under out_dir/<stage>."""
+def run_pipeline(cfg, budgets=None):
+    """base -> sft -> rm -> ppo, then dpo and grpo from the same SFT run, under out_dir/<stage>.
+    budgets: each stage's settings over cfg's (PIPELINE when None; {}: cfg's own, as --quick)."""
     d = {s: os.path.join(cfg.out_dir, s) for s in PIPELINE}
     starts = {"sft": dict(init_from=d["base"]), "rm": dict(init_from=d["sft"]),
               "ppo": dict(init_from=d["sft"], reward_model=d["rm"]),
               "dpo": dict(init_from=d["sft"], prefs=os.path.join(d["rm"], "prefs.jsonl")),
               "grpo": dict(init_from=d["sft"])}
     for stage in PIPELINE:
-        stage_cfg = AlignConfig(**{**asdict(cfg), **(PIPELINE_QUICK if quick else PIPELINE)[stage],
+        stage_cfg = AlignConfig(**{**asdict(cfg), **(PIPELINE if budgets is None else budgets).get(stage, {}),
                                    **starts.get(stage, {}), "out_dir": d[stage]})
         if done(d[stage], stage_cfg.iters):
             continue
         if stage == "base":
-            run_base(stage_cfg, quick)
+            run_base(stage_cfg, quick=budgets is not None)
         else:
             STAGES[stage](stage_cfg)
     return d
@@ -1057,7 +1067,7 @@ def parse_args(argv):
     args = vars(p.parse_args(argv))
     stage, quick = args.pop("stage"), args.pop("quick") or bool(os.environ.get("NANO_QUICK"))  # (the docs test)
     explicit = {k: v for k, v in args.items() if v is not None}
-    cfg = AlignConfig(**{**(QUICK if quick else {}), **(PIPELINE_QUICK.get(stage, {}) if quick else {}), **explicit})
+    cfg = AlignConfig(**{**(SMOKE if quick else {}), **explicit})
     return stage, cfg, quick, explicit
 
 
@@ -1097,7 +1107,7 @@ def main(argv=None):
         created = not os.path.exists(cfg.out_dir)
         lock_out_dir(cfg.out_dir)  # one process per out_dir, as train.py
         try:
-            run_pipeline(cfg, quick) if stage == "pipeline" else STAGES[stage](cfg)
+            run_pipeline(cfg, {} if quick else None) if stage == "pipeline" else STAGES[stage](cfg)
         finally:
             unlock_out_dir(cfg.out_dir)
             if created and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):

@@ -3,7 +3,7 @@ sections 3.5, 4.1-4.3; DPO arXiv:2305.18290; GRPO arXiv:2402.03300; reward over-
 Gao et al. 2022, arXiv:2210.10760).
 
     python experiments/align.py            # see the README for its time on a 2-core CPU
-    python experiments/align.py --quick    # under a minute: the direction of each effect
+    python experiments/align.py --quick    # minutes: a smaller model, the direction of each effect
 
 1. SFT recipes and the alignment tax: the pretraining validation loss of the base and of SFT
    with and without pretraining text mixed in (InstructGPT section 4.2's regressions).
@@ -116,7 +116,7 @@ def main():
     t0 = time.time()
     root = os.path.join(OUT, "align" + ("_quick" if args.quick else ""))
     cfg = AlignConfig(**({**align.QUICK} if args.quick else {}), out_dir=root)
-    d = align.run_pipeline(cfg, args.quick)
+    d = align.run_pipeline(cfg, align.PIPELINE_QUICK if args.quick else None)
     seeds = SEEDS[:2] if args.quick else SEEDS
     eval_seeds = 1 if args.quick else args.eval_seeds
     n_prompts = 32 if args.quick else 64
