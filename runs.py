@@ -147,7 +147,7 @@ def load_run(out_dir, device="cpu"):
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     if "train_config" not in ckpt:
         kind = run_kind(out_dir)
-        raise ValueError(f"{out_dir} holds a {kind} run, not a train.py or align.py one"
+        raise ValueError(f"{out_dir} holds {held(kind)}, not a train.py or align.py run"
                          + ("; sample.py reads it with --image PNG" if kind == "llava.py" else ""))
     tc = ckpt["train_config"]
     if tc.get("peft"):
@@ -170,15 +170,16 @@ def load_run(out_dir, device="cpu"):
 
 # ----------------------------------------------------------------------------- an out_dir
 def run_kind(out_dir):
-    """Which command wrote out_dir/ckpt.pt: 'train.py', 'align.py', 'llava.py', 'another program'
-    (unreadable, or not ours), or None where there is none. Memory-mapped: no weights are read."""
+    """Which command wrote out_dir/ckpt.pt: 'train.py', 'align.py', 'llava.py', 'unreadable'
+    (corrupt or truncated), 'another program', or None where there is none. Memory-mapped: no
+    weights are read."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return "another program"
+        return "unreadable"
     if not isinstance(ckpt, dict):
         return "another program"
     if "vocab" in ckpt or "vision" in ckpt.get("model_config", {}):
@@ -188,16 +189,22 @@ def run_kind(out_dir):
     return "another program"
 
 
+def held(kind):
+    """run_kind's answer in words."""
+    return {"unreadable": "a ckpt.pt that cannot be read (corrupt or truncated)",
+            "another program": "a ckpt.pt of another program"}.get(kind, f"a {kind} run (ckpt.pt)")
+
+
 def check_run_kind(out_dir, writer, resume=False):
     """A writer refuses an out_dir that holds another kind of run, or a run of its own kind that
     it would overwrite rather than resume (resume=None: a writer that never resumes)."""
     kind = run_kind(out_dir)
-    if kind is None or (kind == writer and resume):
+    if kind is None or (kind in (writer, "unreadable") and resume):  # resuming, the loader says what is wrong
         return
     elsewhere = f"--out_dir {free_out_dir(out_dir.rstrip(os.sep) + '_new')}"
     if kind != writer:
-        raise ValueError(f"out_dir {out_dir} holds a {kind} run (ckpt.pt) and {writer} would overwrite it; "
-                         f"write elsewhere, e.g. {elsewhere}")
+        raise ValueError(f"out_dir {out_dir} holds {held(kind)} and {writer} would overwrite it; write elsewhere, "
+                         f"e.g. {elsewhere}")
     again = "; continue it with --resume or" if resume is False else ";"
     raise ValueError(f"out_dir {out_dir} holds a {kind} run (ckpt.pt) that this command would overwrite{again} "
                      f"write elsewhere, e.g. {elsewhere}")

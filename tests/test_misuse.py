@@ -458,8 +458,8 @@ def test_bench_rounds_are_what_was_asked(capsys):
 # ----------------------------------------------------------------------------- 5. tracebacks left
 def test_sample_on_a_llava_run_without_an_image_is_one_line(llava_run, capsys):
     err = one_error_line(capsys, sample.main, ["--out_dir", llava_run])
-    assert err == f"error: {llava_run} holds a llava.py run, not a train.py or align.py one; sample.py reads it with " \
-                  f"--image PNG"
+    assert err == f"error: {llava_run} holds a llava.py run (ckpt.pt), not a train.py or align.py run; sample.py " \
+                  f"reads it with --image PNG"
 
 
 def test_a_file_size_limit_while_writing_a_checkpoint_is_one_line_and_the_old_file_stays(tmp_path):
