@@ -35,7 +35,6 @@ import argparse
 import copy
 import itertools
 import json
-import math
 import os
 import random
 import sys
@@ -53,6 +52,7 @@ import peft
 import quant
 from checkpoint import (atomic_write, json_lines, load_checkpoint, lock_out_dir, read_json, save_checkpoint,
                         unlock_out_dir)
+from cli import Number, Parser, field_comments
 import train
 from data.prepare import prepare, pydoc_corpus
 from data.tasks import (BOT, EOT, FAMILIES, USER, correct, edit_distance, gold_score, make_task,  # noqa: F401
@@ -115,60 +115,60 @@ def sample(model, rows, max_new_tokens, temperature, eot_id, n_vocab, generator)
 @dataclass
 class AlignConfig:
     init_from: str = ""  # the run to start from: the base for sft, the SFT run for rm/ppo/dpo/grpo
-    out_dir: str = "out/align"
+    out_dir: str = "out/align"  # the run's folder (ckpt.pt, meta.json; rm: prefs.jsonl)
     resume: bool = False  # continue out_dir/ckpt.pt exactly
-    seed: int = 1337
-    device: str = "cpu"
+    seed: int = 1337  # seeds the weights' init and every step's prompts and samples
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto
     threads: int = 0  # torch CPU threads; 0: torch's default (1 is faster on an oversubscribed machine)
     iters: int = 200  # optimizer iterations (PPO / GRPO: rollout batches)
     batch_size: int = 32  # sft / dpo: sequences or pairs; rm: prompts (all their pairs)
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # AdamW's rate after the warmup (constant)
     warmup_iters: int = 10  # linear warmup, then constant (InstructGPT's PPO uses a constant rate)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay, on matrices
+    grad_clip: float = 1.0  # clip the global gradient norm; 0: off
     eval_every: int = 50  # also the checkpoint interval
-    eval_prompts: int = 48
+    eval_prompts: int = 48  # prompts per family (sft) or in all (rm, ppo, dpo, grpo) at each evaluation
     heldout: str = "last,min"  # task families never trained on (FLAN's held-out clusters)
     families: str = ""  # the task families trained on, comma-separated (empty: all but --heldout)
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    # parameter-efficient: "" (full), lora or qlora (runs.apply_peft); for ppo/dpo/grpo the
-    # reference model is then the same weights with the adapters off
-    peft: str = ""
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all"
+    max_new_tokens: int = 12  # the longest sampled response
+    temperature: float = 1.0  # sampling temperature of rollouts and evaluations (0: greedy)
+    # parameter-efficient (runs.apply_peft); for ppo/dpo/grpo the reference model is then the
+    # same weights with the adapters off
+    peft: str = ""  # "" (full fine-tuning), lora or qlora
+    lora_r: int = 8  # LoRA's rank
+    lora_alpha: float = 16.0  # LoRA's scale: the update is alpha / r * BA
+    lora_dropout: float = 0.0  # dropout on LoRA's input
+    lora_targets: str = "all"  # the projections LoRA adapts (all, or a comma list such as wq,wv)
     # base: the pretrained model (train.py on pydoc text mixed with chat-format text)
-    n_layer: int = 3
-    n_embd: int = 96
-    n_head: int = 4
-    block_size: int = 64
+    n_layer: int = 3  # base: transformer blocks
+    n_embd: int = 96  # base: model width
+    n_head: int = 4  # base: attention heads
+    block_size: int = 64  # base: context length in characters
     mix: int = 1000  # chat-format examples of the trained families in the pretraining text
     pretrain_docs: int = 0  # pydoc documents in the pretraining text; 0: all
     # rm: K samples per prompt, all C(K, 2) comparisons of a prompt in one batch
-    k: int = 4
-    rm_prompts: int = 400
+    k: int = 4  # rm: samples ranked per prompt (InstructGPT's K)
+    rm_prompts: int = 400  # rm: prompts whose K samples the gold labeler ranks
     rm_demo: bool = False  # rm: the demonstration is one of the K (always a decidable pair; an RM may learn its style)
     prefs: str = ""  # dpo (and rm): a prefs.jsonl; rm writes out_dir/prefs.jsonl when empty
     rm_lm: bool = True  # rm: add the RM's own mean log-probability of the response (False: the head alone)
     # ppo / grpo
     reward_model: str = ""  # ppo: the rm run
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # ppo, grpo: prompts per rollout batch
     samples_per_prompt: int = 4  # grpo: the group size G
     beta: float = 0.05  # KL penalty to the SFT model
     gamma: float = 0.0  # sft and PPO-ptx: + gamma * the next-token loss on the base's text (0: none)
     ptx_data: str = ""  # the pretraining dataset (default: the base's)
-    ppo_epochs: int = 4
-    minibatches: int = 2
-    clip: float = 0.2
-    clip_value: float = 0.2
-    vf_coef: float = 0.1
+    ppo_epochs: int = 4  # ppo, grpo: passes over each rollout batch
+    minibatches: int = 2  # ppo: minibatches per pass
+    clip: float = 0.2  # ppo, grpo: the ratio's clip range epsilon (PPO eq. 7)
+    clip_value: float = 0.2  # ppo: the value's clip range around its old estimate
+    vf_coef: float = 0.1  # ppo: weight of the value loss
     vf_shared: bool = False  # ppo: the value loss also trains the policy's trunk (TRL's shared model)
-    gae_gamma: float = 1.0
-    gae_lambda: float = 0.95
+    gae_gamma: float = 1.0  # ppo: GAE's discount
+    gae_lambda: float = 0.95  # ppo: GAE's lambda
     # dpo
-    dpo_beta: float = 0.1
+    dpo_beta: float = 0.1  # dpo: the temperature of DPO's implicit reward (eq. 7's beta)
 
 
 # --quick on the command line: seconds per stage, to try the commands (CI runs each documented one)
@@ -181,34 +181,28 @@ QUICK = dict(n_layer=2, n_embd=64, n_head=4, block_size=64, mix=600, pretrain_do
 # (the stages' budgets are in PIPELINE_QUICK)
 
 
-# Every number of AlignConfig and the values it may take; checked once, before any work.
+# Every number of AlignConfig and the values it may take: checked where the command line is
+# parsed (--help states each range) and again on the config itself (a resumed run's, a caller's).
 AT_LEAST_1 = ("k", "batch_size", "eval_every", "eval_prompts", "max_new_tokens", "prompts_per_step",
               "samples_per_prompt", "ppo_epochs", "minibatches", "n_layer", "n_embd", "n_head", "block_size",
               "lora_r", "rm_prompts")
-AT_LEAST_0 = ("iters", "threads", "warmup_iters", "mix", "pretrain_docs", "weight_decay", "grad_clip",
+AT_LEAST_0 = ("seed", "iters", "threads", "warmup_iters", "mix", "pretrain_docs", "weight_decay", "grad_clip",
               "lora_alpha", "beta", "gamma", "dpo_beta", "vf_coef", "temperature")
 ABOVE_0 = ("learning_rate", "clip", "clip_value")
 AT_MOST_1 = ("lora_dropout", "gae_gamma", "gae_lambda")  # and at least 0
 
 
+def ranges():
+    """{field: cli.Number} for every numeric field of AlignConfig."""
+    kind = {f.name: type(f.default) for f in fields(AlignConfig)}
+    return {**{n: Number(kind[n], 1) for n in AT_LEAST_1}, **{n: Number(kind[n], 0) for n in AT_LEAST_0},
+            **{n: Number(kind[n], 0, low_open=True) for n in ABOVE_0}, **{n: Number(kind[n], 0, 1) for n in AT_MOST_1}}
+
+
 def check_config(cfg, stage):
     """Each setting in its range, with one line naming the option and what it takes."""
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"--{f.name} must be a finite number, got {v}")
-    for name in AT_LEAST_1:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in AT_LEAST_0:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ABOVE_0:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    for name in AT_MOST_1:
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"--{name} must be between 0 and 1, got {getattr(cfg, name)}")
+    for name, number in ranges().items():
+        number.check(f"--{name}", getattr(cfg, name))
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if cfg.peft not in ("", "lora", "qlora"):
@@ -1053,18 +1047,25 @@ def done(out_dir, iters):
 STAGES = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "dpo": run_dpo, "grpo": run_grpo}
 
 
+def argument_parser():
+    """The command line: a stage, --quick, and one option per AlignConfig field, described by the
+    field's comment, its range checked as it is parsed (cli.Parser)."""
+    p = Parser(__doc__)
+    p.add_argument("stage", choices=["base", *STAGES, "pipeline"], help="the stage to run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI)")
+    comments, numbers = field_comments(AlignConfig), ranges()
+    for f in fields(AlignConfig):
+        kind = numbers.get(f.name) or {bool: parse_bool}.get(type(f.default), type(f.default))
+        flag = dict(nargs="?", const=True) if kind is parse_bool else {}  # --resume means --resume true
+        p.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
+                       help=f"{comments.get(f.name, '')}; default {f.default!r}".lstrip("; "), **flag)
+    return p
+
+
 def parse_args(argv):
     """argv -> (stage, AlignConfig, quick, the fields given on the command line). Values are
     parsed by the type of the field's default, never evaluated."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["base", *STAGES, "pipeline"])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI)")
-    for f in fields(AlignConfig):
-        kind = {bool: parse_bool}.get(type(f.default), type(f.default))
-        flag = dict(nargs="?", const=True) if kind is parse_bool else {}  # --resume means --resume true
-        p.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
-                       help=f"default {f.default!r}", **flag)
-    args = vars(p.parse_args(argv))
+    args = vars(argument_parser().parse_args(argv))
     stage, quick = args.pop("stage"), args.pop("quick") or bool(os.environ.get("NANO_QUICK"))  # (the docs test)
     explicit = {k: v for k, v in args.items() if v is not None}
     cfg = AlignConfig(**{**(SMOKE if quick else {}), **explicit})
@@ -1089,10 +1090,10 @@ def refuse_other_run(cfg, stage):
 
 
 def main(argv=None):
-    stage, cfg, quick, explicit = parse_args(sys.argv[1:] if argv is None else argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
+        stage, cfg, quick, explicit = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         shape = [k for k in ("n_layer", "n_embd", "n_head", "block_size") if k in explicit]
         if shape and stage in STAGES:
             raise ValueError(f"--{shape[0]} sets the base model's shape (align.py base or pipeline); align.py "

@@ -44,12 +44,13 @@ import torch.nn.functional as F
 import peft
 import quant
 from attention import KVCache
-from checkpoint import write_json
+from checkpoint import lock_out_dir, unlock_out_dir, write_json
+from cli import Number, Parser
 from hf import config_to_hf, hf_module_name
 from decode import batched_generate, column_major
 from model import ModelConfig, Transformer, count_params, flops_per_token
 from plan import device_spec, estimate_memory, format_bytes, peak_flops
-from runs import check_out_dir, exit_with_error, resolve_device
+from runs import check_out_dir, check_run_kind, exit_with_error, resolve_device
 from train import TrainConfig, make_optimizer
 
 # two training shapes: the demo preset and a larger one
@@ -734,25 +735,30 @@ def run_section(name, fn, report, path, device):
     write_json(report, path)
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser():
+    p = Parser(__doc__)
     p.add_argument("--only", help="comma-separated sections: train, decode, kv, memory, tinyllama (needs ~20 GB "
                    "RAM), tinyllama_sweep, decode_gpu (GPU). Default: train,decode,kv,memory on a CPU; "
                    "train,tinyllama_sweep,decode_gpu on a GPU")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test")
-    p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5 on a CPU, 3 on a GPU)")
+    p.add_argument("--rounds", type=Number(int, 1), help="timed rounds per contender (default 5 on a CPU, 3 on a "
+                   "GPU, 2 with --quick)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training (on a GPU: ours on "
                    "demo and 370M, transformers on demo) and, on a CPU, decoding")
     p.add_argument("--case", help="only the training cases whose name contains this (e.g. demo)")
-    p.add_argument("--out_dir", default="out")
+    p.add_argument("--out_dir", default="out", help="where bench.json goes")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="training: auto is train.py's (bf16 autocast on a GPU, fp32 on a CPU)")
-    p.add_argument("--time_budget", type=float, help="seconds for the whole run; optional work (compiling, "
-                   "transformers' static cache, the profile) is skipped when it would not fit (default 360 on a "
-                   "GPU, none on a CPU)")
+    p.add_argument("--time_budget", type=Number(float, 0), help="seconds for the whole run; optional work "
+                   "(compiling, transformers' static cache, the profile) is skipped when it would not fit; 0: no "
+                   "budget (default 360 on a GPU, none on a CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args()
+    return p
+
+
+def parse_args(argv=None):
+    return argument_parser().parse_args(argv)
 
 
 def check_sections(args, device):
@@ -806,19 +812,24 @@ def header(device, dtype):
                   "datasheet": {key: spec} if spec else None, "versions": versions()}
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        exit_with_error(e)
     args.quick = args.quick or bool(os.environ.get("NANO_QUICK"))  # the documentation test
     if args.child:
         return child(json.loads(args.child))
     try:  # before any long run: a bad device or an unwritable out_dir is one line now, not at the end
         device = resolve_device(args.device)
         sections = check_sections(args, device)
+        check_run_kind(args.out_dir, "bench.py", resume=None)  # bench.json never goes into a run's folder
         check_out_dir(args.out_dir, 0)
+        lock_out_dir(args.out_dir)  # one writer of bench.json at a time
     except (ValueError, OSError) as e:
         exit_with_error(e)
     gpu = device.type == "cuda"
-    rounds = 2 if args.quick else args.rounds or (3 if gpu else 5)
+    rounds = args.rounds or (2 if args.quick else 3 if gpu else 5)
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     budget = Budget(args.time_budget if args.time_budget is not None else 360 if gpu else 0)
@@ -884,6 +895,7 @@ def main():
     for name in SECTIONS:
         if name in sections:
             run_section(name, jobs[name], report, path, device)
+    unlock_out_dir(args.out_dir)
     print(f"wrote {path}")
     if FAILURES:
         print(f"failed: {', '.join(FAILURES)} (tracebacks in {path} under 'errors')")

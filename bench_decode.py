@@ -14,7 +14,6 @@ matrix-vector product through torch._weight_int8pack_mm and a torch.compile'd
 dequantize-matmul). As in bench.py: contenders alternate in one process, medians.
 """
 
-import argparse
 import copy
 import os
 import sys
@@ -28,6 +27,7 @@ import decode
 import quant
 from bench import alternate, hf_twin, synchronize, train_step
 from checkpoint import write_json
+from cli import Number, Parser
 from model import ModelConfig, Transformer
 from runs import exit_with_error, resolve_device
 from train import TrainConfig, make_optimizer
@@ -274,25 +274,36 @@ def bench_train_step(presets, batch, rounds):
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser():
+    p = Parser(__doc__)
     p.add_argument("--only", default="speculative,batched,quant", help="comma-separated sections: speculative, "
                    "batched, quant, train")
     p.add_argument("--target", default="", help="a trained target run (out_dir); default: random demo")
     p.add_argument("--draft", default="", help="a trained draft run (out_dir); default: random demo_draft")
     p.add_argument("--dataset", default="data/pydoc_bpe", help="prompts from its val.bin (random tokens if absent)")
-    p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--ks", default="2,3,4,5,6,7,8")
+    p.add_argument("--new_tokens", type=Number(int, 1), default=128, help="tokens generated per prompt")
+    p.add_argument("--ks", default="2,3,4,5,6,7,8", help="k values (tokens drafted per target pass)")
     p.add_argument("--lookup_ks", default="", help="k values for prompt lookup (default: --ks)")
-    p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--batches", default="1,8,32", help="batch sizes of the batched section")
+    p.add_argument("--rounds", type=Number(int, 1), default=3, help="timed rounds per contender")
+    p.add_argument("--threads", type=Number(int, 0), default=0, help="torch threads (0: torch's default)")
     p.add_argument("--train_presets", default="debug,demo", help="presets of the train section")
-    p.add_argument("--train_batch", type=int, default=8)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--train_batch", type=Number(int, 1), default=8, help="sequences per training step")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda (speculative and batched; fp32 on both)")
-    p.add_argument("--out", default="out/bench_decode.json")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="out/bench_decode.json", help="the report")
+    return p
+
+
+def parse_args(argv):
+    return argument_parser().parse_args(argv)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        exit_with_error(e)
     sections = set(args.only.split(","))
     known = {"speculative", "batched", "quant", "train"}
     if sections - known:

@@ -30,15 +30,32 @@ def atomic_write(path, write, text=False):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        cause = write_error(e)
+        if cause is None:
+            raise
+        kept = f"the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else "nothing was written"
+        raise OSError(f"writing {path} failed ({cause}): {kept}; is the disk full, or a file-size limit (ulimit -f) "
+                      f"set?") from None
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_error(e):
+    """Why a write failed, when it did: an OSError's reason, also where torch.save wraps it in a
+    RuntimeError of its zip writer; None for any other exception (a bug: its traceback stays)."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        if isinstance(e, RuntimeError) and "PytorchStreamWriter" in str(e):
+            return str(e).splitlines()[0]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def write_json(obj, path):

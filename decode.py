@@ -36,7 +36,6 @@ does this through torch.compile); for that, nothing in the step may change shape
 token to token.
 """
 
-import argparse
 import weakref
 
 import torch
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import causal_mask
+from cli import Number, Parser
 from model import check_sampling_args, sample_next, token_probs
 from quant import BitLinear, Int8Linear, NF4Linear
 from runs import exit_with_error, load_run, resolve_device
@@ -505,25 +505,31 @@ def graph_step(model, batch_size):
 
 
 # ----------------------------------------------------------------------------- command line
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Speculative (or prompt-lookup) decoding and batched generation "
-                                "from a train.py run.")
+def argument_parser():
+    p = Parser("Speculative (or prompt-lookup) decoding and batched generation from a train.py run.")
     p.add_argument("--out_dir", default="out/demo", help="the target model's training out_dir")
     p.add_argument("--draft", default="", help="a draft model's out_dir, or 'prompt' for prompt lookup; empty: "
                    "no speculation (batched generation of the --prompt's)")
-    p.add_argument("--num_speculative", "-k", type=int, default=4, help="tokens drafted per target pass")
+    p.add_argument("--num_speculative", "-k", type=Number(int, 1), default=4, help="tokens drafted per target pass")
     p.add_argument("--lookup_first", action="store_true", help="with a --draft model: prompt lookup where the "
                    "context has a match, the draft model elsewhere")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max_new_tokens", type=Number(int, 1), default=100, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=Number(float, 0), default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=Number(int, 0), default=1337, help="seeds the sampling (temperature > 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (fp32 on both; on a GPU batched "
                    "generation replays each step from a CUDA graph)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """argv -> the options, every number checked (before any model is loaded)."""
+    return argument_parser().parse_args(argv)
+
+
+def main(argv=None):
     try:
-        if args.draft:
-            check_draft(None, "prompt", args.num_speculative)  # k before loading anything
+        args = parse_args(argv)
         device = resolve_device(args.device)
         model, tokenizer, _ = load_run(args.out_dir, device)
         for_decoding(model.eval())  # on a CPU: the weight layout its BLAS reads fastest

@@ -31,7 +31,6 @@ The prompt of a test example, with the delimiters as in lm-evaluation-harness:
     query                                                    <- scored: TARGET_DELIMITER + choice
 """
 
-import argparse
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import json_lines
+from cli import Number, Parser
 from data.tokenizer import CharTokenizer
 from runs import exit_with_error, resolve_device
 from sample import load_model
@@ -426,32 +426,40 @@ def summary(result, args):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser():
+    p = Parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--out_dir", default="", help="a train.py run (ckpt.pt + tokenizer)")
     src.add_argument("--hf_dir", default="", help="a Hugging Face Llama directory with tokenizer.json")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", help="a JSONL task file (see above)")
     what.add_argument("--text", help="a UTF-8 text file: perplexity and bits per byte")
-    p.add_argument("--num_fewshot", type=int, default=0, help="K shots per test example")
-    p.add_argument("--seed", type=int, default=0, help="seeds the draw of the shots")
+    p.add_argument("--num_fewshot", type=Number(int, 0), default=0, help="K shots per test example")
+    p.add_argument("--seed", type=Number(int, 0), default=0, help="seeds the draw of the shots")
     p.add_argument("--description", default="", help="a task description put before the shots")
     p.add_argument("--answer_context", default=ANSWER_CONTEXT, help="for the unconditional normalization")
-    p.add_argument("--max_gen_toks", type=int, default=32, help="exact match: the longest greedy answer")
-    p.add_argument("--stride", type=int, default=0, help="--text: tokens scored per window (0: the window)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_gen_toks", type=Number(int, 1), default=32, help="exact match: the longest greedy answer")
+    p.add_argument("--stride", type=Number(int, 0), default=0, help="--text: tokens scored per window (0: the window)")
+    p.add_argument("--batch_size", type=Number(int, 1), default=32, help="sequences per forward pass")
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
-    p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", default="", choices=["", "nf4", "nf4-dq", "int8"],
+                   help="store the blocks' linear layers quantized (quant.quantize_model)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--unknown", default="error", choices=UNKNOWN, help="characters a character-level model "
                    f"cannot encode: an error naming the first, skipped, or replaced by {REPLACEMENT!r}")
     p.add_argument("--bench", action="store_true", help="--task: multiple-choice examples/s at batch 1 and "
                    "--batch_size instead of the accuracies")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """argv -> the options, every number checked (before any file is read)."""
+    return argument_parser().parse_args(argv)
+
+
+def main(argv=None):
     try:
-        if args.num_fewshot < 0 or args.batch_size < 1:
-            raise ValueError("--num_fewshot must be >= 0 and --batch_size >= 1")
+        args = parse_args(argv)
         if args.task:
             read_task(args.task)  # bad lines are found before the model loads
         if args.text and not os.path.isfile(args.text):

@@ -63,7 +63,8 @@ def config_from_hf(hf, path="config.json"):
             raise ValueError(f"{path}: field {name!r} must be {kind.__name__}, got {value!r}")
         return value
 
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # both spellings
+    # both spellings, with transformers' precedence: a rope_scaling, when there is one, replaces rope_parameters
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     problems = []
     if field("hidden_act", str, "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu', SwiGLU)")

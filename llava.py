@@ -29,7 +29,6 @@ of the scene grammar.
     python sample.py --out_dir out/llava --image scene.png --prompt "What colour is the circle?"
 """
 
-import argparse
 import math
 import os
 import re
@@ -43,11 +42,12 @@ from torch import nn
 
 import hf
 import peft
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, lock_out_dir, save_checkpoint, unlock_out_dir
+from cli import Number, Parser
 from data.scenes import (BRIEF, COLOURS, COLUMNS, IMAGE_SIZE, KINDS, NUMBERS, SHAPES, SIZES, caption, caption_turn,
                          conversation, draw, random_scene, write_png)
 from model import ModelConfig, Transformer, sample_next
-from runs import exit_with_error
+from runs import check_run_kind, exit_with_error, free_out_dir
 
 # ----------------------------------------------------------------------------- words -> token ids
 SPECIALS = ("<pad>", "<image>", "</s>", "USER:", "ASSISTANT:")
@@ -548,15 +548,25 @@ def load(out_dir, device="cpu"):
     """(LlavaModel, WordTokenizer) from out_dir/ckpt.pt (or a .pt path), weights_only."""
     ckpt = load_checkpoint(out_dir)
     if "vocab" not in ckpt or "vision" not in ckpt["model_config"]:
-        raise ValueError(f"{out_dir} is not a llava.py checkpoint (no vision tower); train one with "
-                         f"python llava.py --out_dir {out_dir}")
+        raise ValueError(f"{out_dir} is not a llava.py checkpoint (no vision tower); --image needs one: train it "
+                         f"into a new folder, python llava.py --out_dir {free_out_dir('out/llava')}")
     model = LlavaModel(LlavaConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), WordTokenizer(ckpt["vocab"])
 
 
 def pipeline(out_dir, s, projector="mlp", lora=False):
-    """CLIP -> language-only decoder -> stage 1 -> stage 2 -> evaluation; each step's checkpoint in out_dir."""
+    """CLIP -> language-only decoder -> stage 1 -> stage 2 -> evaluation; each step's checkpoint in
+    out_dir, which holds no run (llava.py never resumes) and is locked while the pipeline runs."""
+    check_run_kind(out_dir, "llava.py", resume=None)
+    lock_out_dir(out_dir)
+    try:
+        return train_pipeline(out_dir, s, projector, lora)
+    finally:
+        unlock_out_dir(out_dir)
+
+
+def train_pipeline(out_dir, s, projector, lora):
     torch.manual_seed(s.seed)
     tok = WordTokenizer(build_vocab())
     scenes, images = make_scenes(s.n_train, s.seed)
@@ -584,17 +594,26 @@ def pipeline(out_dir, s, projector="mlp", lora=False):
     return model, tok
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out/llava")
-    p.add_argument("--projector", default="mlp", choices=["linear", "mlp"])
+def argument_parser():
+    p = Parser(__doc__)
+    p.add_argument("--out_dir", default="out/llava", help="where clip.pt, stage1.pt and ckpt.pt go")
+    p.add_argument("--projector", default="mlp", choices=["linear", "mlp"], help="vision features -> word "
+                   "embeddings: LLaVA's linear map or LLaVA-1.5's two-layer MLP")
     p.add_argument("--peft", default="", choices=["", "lora"], help="stage 2 with LoRA on the decoder")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    quick = args.quick or bool(os.environ.get("NANO_QUICK"))  # (the documentation test)
-    s = Settings(**(QUICK if quick else {}), seed=args.seed)
+    p.add_argument("--seed", type=Number(int, 0), default=0, help="seeds the scenes and the weights")
+    return p
+
+
+def parse_args(argv):
+    return argument_parser().parse_args(argv)
+
+
+def main(argv=None):
     try:
+        args = parse_args(argv)
+        quick = args.quick or bool(os.environ.get("NANO_QUICK"))  # (the documentation test)
+        s = Settings(**(QUICK if quick else {}), seed=args.seed)
         pipeline(args.out_dir, s, args.projector, args.peft == "lora")
     except (ValueError, OSError) as e:
         exit_with_error(e)

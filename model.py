@@ -34,25 +34,26 @@ import torch.utils.checkpoint
 from torch import nn
 
 import quant
+from cli import Number
 from attention import CausalSelfAttention, KVCache, rope_cache, sparse_causal_mask
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # rows of the token embedding (and of the LM head)
     block_size: int = 2048  # the context length
-    n_layer: int = 22
-    n_embd: int = 2048
-    n_head: int = 32
+    n_layer: int = 22  # transformer blocks
+    n_embd: int = 2048  # the residual stream's width d
+    n_head: int = 32  # query heads; head_dim = n_embd // n_head
     n_kv_head: int = 4  # == n_head: MHA; 1: MQA; in between: GQA
     intermediate_size: int = 0  # SwiGLU hidden width; 0: Llama's 8/3 * n_embd rounded up
     multiple_of: int = 256  # the rounding of that default
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # RoPE's base: wavelengths from 2 pi to about 2 pi theta
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
     tie_embeddings: bool = False  # share the token embedding with the LM head (PaLM)
     parallel_block: bool = False  # PaLM's y = x + Attn(LN(x)) + MLP(LN(x))
-    dropout: float = 0.0
+    dropout: float = 0.0  # on attention and MLP outputs (training only)
     attn_impl: str = "sdpa"  # "sdpa": fused kernel; "math": explicit softmax(QK^T/sqrt(d))V
     bitlinear: bool = False  # BitNet: every linear layer inside the blocks is a quant.BitLinear
     bitlinear_groups: int = 1  # BitNet's group quantization (G groups of input features)
@@ -63,18 +64,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.intermediate_size == 0:  # Llama: 2/3 of 4d, rounded up to a multiple (d=2048 -> 5632)
             self.intermediate_size = self.multiple_of * math.ceil(int(2 * 4 * self.n_embd / 3) / self.multiple_of)
-        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "multiple_of",
-                     "intermediate_size", "bitlinear_groups"):
-            check(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name, admitted in RANGES.items():
+            admitted.check(name, getattr(self, name))
         check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}):"
               f" each head gets n_embd // n_head features")
         check(self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head "
               f"({self.n_kv_head}): each kv head serves a group of n_head // n_kv_head query heads")
         check(self.head_dim % 2 == 0, f"head_dim = n_embd // n_head = {self.head_dim} must be even (RoPE pairs)")
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.attn_impl in ("sdpa", "math"), f"attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
-        check(self.rope_theta > 0 and self.norm_eps > 0, "rope_theta and norm_eps must be positive")
-        check(self.sparse_local >= 0 and self.sparse_stride >= 0, "sparse_local and sparse_stride must be >= 0")
         check(not self.bitlinear or (self.n_embd % self.bitlinear_groups == 0 and self.intermediate_size %
               self.bitlinear_groups == 0), f"bitlinear_groups={self.bitlinear_groups} must divide n_embd and "
               f"intermediate_size, the input widths of the linear layers")
@@ -96,6 +93,14 @@ class ModelConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         check(not unknown, f"unknown model config fields {sorted(unknown)}")
         return cls(**d)
+
+
+# the numbers each field admits: checked when a ModelConfig is made, stated by --help (cli.py)
+RANGES = {**{name: Number(int, 1, text="a positive integer") for name in (
+    "vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "multiple_of", "bitlinear_groups")},
+    "intermediate_size": Number(int, 0), "rope_theta": Number(float, 0, low_open=True),
+    "norm_eps": Number(float, 0, low_open=True), "dropout": Number(float, 0, 1, high_open=True),
+    "sparse_local": Number(int, 0), "sparse_stride": Number(int, 0)}
 
 
 def check(condition, message):

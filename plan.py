@@ -33,7 +33,6 @@ hours per 300B tokens, 56% MFU. This file gives 3,472 hours (300e9 / 24,000 / 3,
 3,456 = 16 GPUs x 24 h x 9 days, what 9.04 days on their 16 GPUs rounds to. MFU: 56.3%.
 """
 
-import argparse
 import math
 import os
 import re
@@ -42,6 +41,7 @@ import time
 import torch
 
 import quant
+from cli import Parser
 from model import PRESETS, ModelConfig, Transformer, block_linear_shapes, count_params, flops_per_token
 
 # dense bf16 tensor-core FLOP/s, memory and memory bandwidth (bytes/s) from the vendors' datasheets
@@ -317,12 +317,20 @@ def print_report(model, method="nf4-dq", name=""):
     return rows, totals
 
 
+def argument_parser():
+    p = Parser("Bytes of every tensor of a preset, before and after quantizing its blocks' linear layers "
+               "(quant.py), from shapes alone.")
+    p.add_argument("--config", default="tinyllama_1b", choices=list(PRESETS), help="a model.py preset")
+    p.add_argument("--quant", default="nf4-dq", choices=list(quant.METHODS) + ["b1.58"], help="quant.py's method")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Bytes of every tensor of a preset, before and after quantizing "
-                                "its blocks' linear layers (quant.py), from shapes alone.")
-    p.add_argument("--config", default="tinyllama_1b", choices=list(PRESETS))
-    p.add_argument("--quant", default="nf4-dq", choices=list(quant.METHODS) + ["b1.58"])
-    args = p.parse_args(argv)
+    from runs import exit_with_error  # (runs imports this module)
+    try:
+        args = argument_parser().parse_args(argv)
+    except ValueError as e:
+        exit_with_error(e)
     with torch.device("meta"):  # shapes only: no memory for the weights
         model = Transformer(ModelConfig.from_name(args.config))
     print_report(model, args.quant, args.config)

@@ -477,6 +477,10 @@ def quantize_model(model, method, compute_dtype=None, blocksize=64):
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     existing = quantization_method(model)
+    if existing == "bitlinear":  # a model built so (--bitlinear true), not quantized by anyone
+        raise ValueError(f"{method} quantization replaces nn.Linear layers, but this model's layers are BitNet "
+                         f"BitLinear (bitlinear=True), which quantize their own weights in every forward pass; "
+                         f"use LoRA (--peft lora) rather than QLoRA, or a model without --bitlinear")
     if existing:
         raise ValueError(f"model is already quantized with {existing}; quantize the full-precision model "
                          f"(reload it) instead of quantizing twice")

@@ -23,6 +23,7 @@ from checkpoint import (atomic_write, check_same_config, fingerprint, load_check
                         tokenizer_files, tokenizer_fingerprint)
 from data.tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, convert_kv_heads
+from plan import format_bytes
 
 
 def resolve_device(name):
@@ -144,6 +145,10 @@ def load_run(out_dir, device="cpu"):
     loaded, converted and quantized as the run did, then the adapter's tensors go in.
     """
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    if "train_config" not in ckpt:
+        kind = run_kind(out_dir)
+        raise ValueError(f"{out_dir} holds {held(kind)}, not a train.py or align.py run"
+                         + ("; sample.py reads it with --image PNG" if kind == "llava.py" else ""))
     tc = ckpt["train_config"]
     if tc.get("peft"):
         config = ckpt["model_config"]  # the converted model's (n_kv_head after GQA uptraining)
@@ -164,6 +169,55 @@ def load_run(out_dir, device="cpu"):
 
 
 # ----------------------------------------------------------------------------- an out_dir
+def run_kind(out_dir):
+    """Which command wrote out_dir/ckpt.pt: 'train.py', 'align.py', 'llava.py', 'unreadable'
+    (corrupt or truncated), 'another program', or None where there is none. Memory-mapped: no
+    weights are read."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return "unreadable"
+    if not isinstance(ckpt, dict):
+        return "another program"
+    if "vocab" in ckpt or "vision" in ckpt.get("model_config", {}):
+        return "llava.py"
+    if isinstance(ckpt.get("train_config"), dict):
+        return "align.py" if "stage" in ckpt["train_config"] else "train.py"
+    return "another program"
+
+
+def held(kind):
+    """run_kind's answer in words."""
+    return {"unreadable": "a ckpt.pt that cannot be read (corrupt or truncated)",
+            "another program": "a ckpt.pt of another program"}.get(kind, f"a {kind} run (ckpt.pt)")
+
+
+def check_run_kind(out_dir, writer, resume=False):
+    """A writer refuses an out_dir that holds another kind of run, or a run of its own kind that
+    it would overwrite rather than resume (resume=None: a writer that never resumes)."""
+    kind = run_kind(out_dir)
+    if kind is None or (kind in (writer, "unreadable") and resume):  # resuming, the loader says what is wrong
+        return
+    elsewhere = f"--out_dir {free_out_dir(out_dir.rstrip(os.sep) + '_new')}"
+    if kind != writer:
+        raise ValueError(f"out_dir {out_dir} holds {held(kind)} and {writer} would overwrite it; write elsewhere, "
+                         f"e.g. {elsewhere}")
+    again = "; continue it with --resume or" if resume is False else ";"
+    raise ValueError(f"out_dir {out_dir} holds a {kind} run (ckpt.pt) that this command would overwrite{again} "
+                     f"write elsewhere, e.g. {elsewhere}")
+
+
+def free_out_dir(stem):
+    """stem, or stem2, stem3, ...: the first that does not exist yet."""
+    n, path = 1, stem
+    while os.path.exists(path):
+        n, path = n + 1, f"{stem}{n + 1}"
+    return path
+
+
 def check_out_dir(out_dir, needed_bytes):
     """Fail before training, not after an hour: out_dir must be writable with room for
     two checkpoints (the new one is written before the old one is replaced)."""
@@ -175,8 +229,9 @@ def check_out_dir(out_dir, needed_bytes):
         raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
     free = shutil.disk_usage(out_dir).free
     if free < 2 * needed_bytes:
-        raise OSError(f"out_dir {out_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
-                      f"{2 * needed_bytes / 1e9:.2f} GB; free some space or choose another --out_dir")
+        raise OSError(f"out_dir {out_dir} has {format_bytes(free)} free but two checkpoints (the new one is "
+                      f"written before the old one is replaced) need about {format_bytes(2 * needed_bytes)}; "
+                      f"choose another --out_dir on a disk with more room")
 
 
 def copy_tokenizer(data_dir, out_dir):

@@ -13,7 +13,6 @@ Decoding reads the prompt once into a KV cache and then feeds one token per step
 top_p the smallest set whose probability reaches p (Holtzman et al. 2019, nucleus).
 """
 
-import argparse
 import os
 import sys
 import warnings
@@ -27,6 +26,7 @@ import llava
 import quant
 from data.tasks import BOT, EOT, USER
 from checkpoint import load_checkpoint
+from cli import Number, Parser
 from data.scenes import read_image
 from decode import for_decoding
 from model import check_sampling_args, sample_next
@@ -205,19 +205,21 @@ def sample_image(args, device):
         print()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser():
+    p = Parser(__doc__)
     p.add_argument("--out_dir", default="out/debug", help="a training out_dir (ckpt.pt + tokenizer)")
     p.add_argument("--hf_dir", default="", help="a Hugging Face Llama checkpoint directory instead")
     p.add_argument("--prompt", default="\n", help="the prompt text, or FILE:path")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eos_id", type=int, default=None, help="stop a sample at this token id")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max_new_tokens", type=Number(int, 1), default=200, help="tokens generated per sample")
+    p.add_argument("--temperature", type=Number(float, 0, text="a finite number >= 0 (0 is greedy)"),
+                   default=0.8, help="divides the logits: below 1 sharper, above 1 flatter")
+    p.add_argument("--top_k", type=Number(int, 1), default=200, help="sample among the k likeliest tokens")
+    p.add_argument("--top_p", type=Number(float, 0, 1, low_open=True), default=None,
+                   help="nucleus sampling: the likeliest tokens holding this much probability; none: off")
+    p.add_argument("--num_samples", type=Number(int, 1), default=1, help="samples from the one prompt")
+    p.add_argument("--seed", type=Number(int, 0), default=1337, help="seeds the sampling")
+    p.add_argument("--eos_id", type=Number(int, 0), default=None, help="stop a sample at this token id")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--adapter", default="", help="a PEFT adapter directory (or a --peft run's out_dir)")
     p.add_argument("--image", default="", help="a PNG for a llava.py run (--out_dir); '<image>' in the prompt "
                    "places it, else it goes first")
@@ -229,14 +231,21 @@ def main(argv=None):
                    "quant.cache_dequantized); 'per_call' "
                    "dequantizes inside every matmul: only the quantized storage, slower decoding")
     p.add_argument("--chat", action="store_true", help="a multi-turn conversation (align.py's chat template)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """argv -> the options, every number checked (before any model is loaded)."""
+    args = argument_parser().parse_args(argv)
     if os.environ.get("NANO_QUICK"):  # the documentation test: the command, not a long sample
         args.max_new_tokens, args.num_samples = min(args.max_new_tokens, 10), min(args.num_samples, 2)
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    return args
+
+
+def main(argv=None):
     try:
-        if args.num_samples < 1 or args.max_new_tokens < 1:
-            raise ValueError(f"--num_samples and --max_new_tokens must be >= 1, got {args.num_samples} and "
-                             f"{args.max_new_tokens}")
-        check_sampling_args(args.temperature, args.top_k, args.top_p)
+        args = parse_args(argv)
         device = resolve_device(args.device)
         if args.image:
             return sample_image(args, device)

@@ -3,7 +3,7 @@
     python train.py --config first                       # ~3 minutes on a laptop CPU, then a sample
     python train.py --config demo                        # a 12.6M-parameter GQA model on this CPU
     python train.py --config tinyllama_1b                # TinyLlama's recipe (GPUs)
-    python train.py --config demo --n_layer 4 --learning_rate 3e-4 --compile
+    python train.py --config demo --n_layer 4 --learning_rate 3e-4 --compile --out_dir out/demo4
     python train.py --out_dir out/demo --resume          # continue exactly where it stopped
     python train.py --config tinyllama_1b --batch_size 1 --estimate_memory   # will it fit?
     torchrun --nproc_per_node 2 train.py --config demo --dist ddp   # or --dist fsdp
@@ -24,7 +24,6 @@ What it follows:
     first complete checkpoint, and one run at a time holds an out_dir (checkpoint.py).
 """
 
-import argparse
 import difflib
 import math
 import os
@@ -38,16 +37,18 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from cli import Number, Parser, field_comments
 from checkpoint import load_checkpoint, lock_out_dir, save_checkpoint, tokenizer_fingerprint, unlock_out_dir
 from data.dataset import Mixture, open_dataset, parse_mixture
 from data.prepare import dataset_dir, prepare
 from data.tokenizer import load_tokenizer
-from model import ModelConfig, count_params, flops_per_token
+from model import RANGES as MODEL_RANGES, ModelConfig, count_params, flops_per_token
 from peft import PagedAdamW, parse_targets
 from distributed import (compiles, gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum,
                          state_dicts, wrap_model)
 from plan import check_epochs, check_fits, format_plan, peak_flops, plan, print_memory_estimate
-from runs import build_model, check_finite, check_out_dir, copy_tokenizer, exit_with_error, plot_losses, save_adapter
+from runs import (build_model, check_finite, check_out_dir, check_run_kind, copy_tokenizer, exit_with_error,
+                  free_out_dir, plot_losses, save_adapter)
 
 
 # ----------------------------------------------------------------------------- config
@@ -55,26 +56,26 @@ from runs import build_model, check_finite, check_out_dir, copy_tokenizer, exit_
 class TrainConfig:
     model: str = "debug"  # ModelConfig preset in model.py (its fields are overridable too)
     dataset: str = "pydoc_char"  # a prepared dataset: a name under data/ or a path
-    out_dir: str = "out/debug"
+    out_dir: str = "out/debug"  # where ckpt.pt, the tokenizer and loss.png go
     init_from: str = ""  # fine-tune from our out_dir / ckpt.pt or a Hugging Face directory
     resume: bool = False  # continue out_dir/ckpt.pt
     # batch: grad_accum * batch_size sequences of block_size tokens per optimizer step
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per step, over all processes
-    max_iters: int = 200
+    max_iters: int = 200  # optimizer steps
     # AdamW and the learning-rate schedule
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the peak, reached after warmup
     min_lr: float = 1e-4  # the cosine decays to this
-    warmup_iters: int = 20
+    warmup_iters: int = 20  # steps of linear warmup from 0
     lr_decay_iters: int = 0  # 0: decay over max_iters
     weight_decay: float = 0.1  # on matrices (dim >= 2) only
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW's decay of the first moment
+    beta2: float = 0.95  # and of the second
     grad_clip: float = 1.0  # clip the global gradient norm; 0: off
     # evaluation, logging, checkpoints
     eval_interval: int = 50  # also the checkpoint interval
     eval_iters: int = 20  # batches per split in an evaluation
-    log_interval: int = 10
+    log_interval: int = 10  # print a line every this many steps
     sample_tokens: int = 0  # print a sample of this many tokens when training ends
     # system
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -82,15 +83,15 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the model: auto = on one GPU (where it wins), off on a CPU
     grad_checkpoint: bool = False  # recompute each block in the backward pass: activations of one block, not all
     dist: str = "ddp"  # under torchrun: ddp or fsdp
-    seed: int = 1337
+    seed: int = 1337  # the initial weights, dropout and the batches drawn
     kv_init: str = ""  # with --init_from and a new --n_kv_head: mean, first or random (convert_kv_heads)
-    # parameter-efficient fine-tuning of --init_from (peft.py): "" (full), lora, prefix or qlora
-    peft: str = ""
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    # parameter-efficient fine-tuning of --init_from (peft.py)
+    peft: str = ""  # "" (full fine-tuning), lora, prefix or qlora
+    lora_r: int = 8  # LoRA's rank r
+    lora_alpha: float = 16.0  # LoRA's scale is alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_targets: str = "q,v"  # q k v o gate up down, or all (qlora always adapts all)
-    prefix_len: int = 10
+    prefix_len: int = 10  # prefix tuning: virtual tokens per layer
     prefix_hidden: int = 512  # width of the prefix reparametrization MLP
 
 
@@ -111,26 +112,23 @@ CHOICES = {"compile": ("auto", "true", "false"), "dist": ("ddp", "fsdp"), "dtype
            "kv_init": ("", "mean", "first", "random"), "peft": ("", "lora", "prefix", "qlora")}
 
 
+# the numbers each field admits: checked where a config is made (check_train_config), stated by --help
+RANGES = {**{name: Number(int, 1) for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters",
+                                                "log_interval", "lora_r", "prefix_len")},
+          **{name: Number(int, 0) for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens",
+                                                "prefix_hidden", "seed")},
+          "learning_rate": Number(float, 0, low_open=True), "lora_alpha": Number(float, 0, low_open=True),
+          **{name: Number(float, 0) for name in ("min_lr", "weight_decay", "grad_clip")},
+          **{name: Number(float, 0, 1, high_open=True) for name in ("beta1", "beta2", "lora_dropout")}}
+
+
 def check_train_config(cfg):
     """Every field checked once, where the config is built: one line naming the field."""
-    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lora_r",
-                 "prefix_len"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "prefix_hidden"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "lora_alpha"):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and name in ("learning_rate", "lora_alpha")):
-            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'learning_rate' else '>= 0'}, "
-                             f"got {value}")
+    for name, admitted in RANGES.items():
+        admitted.check(name, getattr(cfg, name))
     if cfg.min_lr > cfg.learning_rate:
         raise ValueError(f"min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}): the cosine decays "
                          f"from learning_rate down to min_lr")
-    for name in ("beta1", "beta2", "lora_dropout"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(repr(a) for a in allowed)}, "
@@ -144,12 +142,16 @@ def check_train_config(cfg):
                          f"starts from; write elsewhere, e.g. --out_dir {free_out_dir(cfg.out_dir + '_ft')}")
 
 
-def free_out_dir(stem):
-    """stem, or stem2, stem3, ...: the first that does not exist yet."""
-    n, path = 1, stem
-    while os.path.exists(path):
-        n, path = n + 1, f"{stem}{n + 1}"
-    return path
+def check_evaluation_cost(cfg):
+    """Say so before the run when evaluating costs more than training: each evaluation is
+    eval_iters forward passes per split, every eval_interval steps and at the end, against
+    grad_accum forward + backward passes (about 3 forwards) per training step."""
+    evals = cfg.max_iters // cfg.eval_interval + 1
+    evaluating, training = 2 * cfg.eval_iters * evals, 3 * cfg.grad_accum * cfg.max_iters
+    if evaluating > max(training, 1):
+        print(f"note: evaluation costs more than training: {evals:,} evaluation(s) x 2 splits x {cfg.eval_iters:,} "
+              f"batches = {evaluating:,} forward passes against {cfg.max_iters:,} steps x {cfg.grad_accum} "
+              f"micro-batch(es) x 3 = {training:,}; lower --eval_iters or raise --eval_interval")
 
 
 def quick_caps(cfg):
@@ -186,35 +188,46 @@ def parse_value(name, text, default):
 
 
 def argument_parser():
-    """One --option per field of TrainConfig and ModelConfig, generated from the dataclasses."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    """One --option per field of TrainConfig and ModelConfig, generated from the dataclasses:
+    its description is the field's comment, its range the field's entry in RANGES."""
+    p = Parser(__doc__, allow_abbrev=False)
     p.add_argument("--config", default="debug", help=f"one of: {', '.join(CONFIGS)}")
     p.add_argument("--estimate_memory", action="store_true", help="print the memory estimate and stop")
     g = p.add_argument_group("run planner (--plan prints the plan and stops; plan.py)")
     g.add_argument("--plan", action="store_true", help="tokens, steps, FLOPs, memory per device, time")
-    g.add_argument("--plan_tokens", type=float, help="total tokens (default: max_iters steps)")
-    g.add_argument("--plan_tokens_per_sec", type=float, help="measured throughput per device")
-    g.add_argument("--plan_mfu", type=float, help="or an MFU (0-1), with the device's peak")
+    g.add_argument("--plan_tokens", type=Number(float, 0, low_open=True),
+                   help="total tokens (default: max_iters steps)")
+    g.add_argument("--plan_tokens_per_sec", type=Number(float, 0, low_open=True),
+                   help="measured throughput per device (default: from --plan_mfu)")
+    g.add_argument("--plan_mfu", type=Number(float, 0, 1, low_open=True),
+                   help="or a model FLOPs utilization, 1 = the device's peak (default: plan.py's guess)")
     g.add_argument("--plan_device", default="A100-40G", help="one of plan.DEVICES")
-    g.add_argument("--plan_devices", type=int, default=1, help="number of devices")
-    for group, cls in (("training", TrainConfig), ("model (model.py)", ModelConfig)):
+    g.add_argument("--plan_devices", type=Number(int, 1), default=1, help="number of devices")
+    presets = {c: ModelConfig.from_name(CONFIGS[c].model) for c in CONFIGS}
+    for group, cls, ranges, defaults in (("training", TrainConfig, RANGES, CONFIGS),
+                                         ("model (model.py)", ModelConfig, MODEL_RANGES, presets)):
         g = p.add_argument_group(group)
+        comments = field_comments(cls)
         for f in fields(cls):
             is_bool = f.type in (bool, "bool") or f.name == "compile"  # a bare --compile means true
+            kind = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(f.type)
             g.add_argument(f"--{f.name}", default=None, metavar="BOOL" if is_bool else f.type.upper() if
                            isinstance(f.type, str) else f.type.__name__.upper(),
-                           nargs="?" if is_bool else None, const="true" if is_bool else None)
-    p.error = fail  # errors are ValueErrors: main() prints them as one line
+                           nargs="?" if is_bool else None, const="true" if is_bool else None,
+                           type=ranges.get(f.name, Number(kind) if kind in (int, float) else None),
+                           help="; ".join(filter(None, [comments.get(f.name), config_defaults(f.name, defaults)])))
     return p
+
+
+def config_defaults(name, defaults):
+    """'default 0.001 (first: 0.003, ...)': the value in the debug config, and where the others differ."""
+    values = {c: getattr(d, name) for c, d in defaults.items()}
+    others = [f"{c}: {v!r}" for c, v in values.items() if v != values["debug"]]
+    return f"default {values['debug']!r}" + (f" ({', '.join(others)})" if others else "")
 
 
 PLANNER_ARGS = ("config", "estimate_memory", "plan", "plan_tokens", "plan_tokens_per_sec", "plan_mfu", "plan_device",
                 "plan_devices")
-
-
-def fail(message):
-    raise ValueError(message)
 
 
 def parse_args(argv):
@@ -328,6 +341,7 @@ def setup(cfg, model_args, explicit):
     r.master = r.rank == 0
     r.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     r.ckpt = None
+    check_run_kind(cfg.out_dir, "train.py", resume=True)  # a llava.py or align.py run: refused now
     if cfg.resume:
         r.ckpt = load_checkpoint(r.ckpt_path)
         # the run's own settings; only what this command line sets explicitly changes
@@ -362,6 +376,7 @@ def setup(cfg, model_args, explicit):
     if r.master:
         check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
         check_epochs(cfg, r.config, r.meta)
+        check_evaluation_cost(cfg)
     r.autocast = torch.autocast(r.device.type, dtype=r.dtype) if r.dtype != torch.float32 else nullcontext()
     r.model = wrap_model(r.raw, cfg, r.world, r.device)
     r.optimizer = make_optimizer(r.raw, cfg, r.device)
@@ -381,6 +396,8 @@ def setup(cfg, model_args, explicit):
             torch.cuda.set_rng_state(r.ckpt["rng"]["cuda"][r.rank])
     else:
         torch.manual_seed(cfg.seed + r.rank)  # different dropout masks on each process
+    if r.master:  # the last check, so a run refused for another reason says that first; nothing written yet
+        check_run_kind(cfg.out_dir, "train.py", resume=cfg.resume)
     r.last_saved = r.iter_num if r.ckpt is not None else None
     return r
 

@@ -60,6 +60,9 @@ def open_dataset(name, vocab_size=None, full_check=False):
         raise FileNotFoundError(f"dataset {path} is not prepared (no meta.json): run `python data/prepare.py "
                                 f"--corpus CORPUS --tokenizer TOKENIZER --out {path}`")
     meta = _read_json(meta_path)
+    if meta.get("vocab_size", 1) < 1:
+        raise ValueError(f"dataset {path} has an empty vocabulary (meta.json: vocab_size {meta['vocab_size']}): it "
+                         f"was prepared from a corpus without text; prepare one with text into another --out")
     dtype = np.dtype(meta["dtype"])
     if meta.get("format") == "shards":
         manifest = _read_json(manifest_path)
@@ -111,8 +114,8 @@ def _open_shard(path, n_tokens, dtype, redo):
 
 def _check_ids(shard, vocab_size, path, full):
     parts = [shard] if full or len(shard) <= 2 * SCAN_TOKENS else [shard[:SCAN_TOKENS], shard[-SCAN_TOKENS:]]
-    top = max((int(p.max()) for p in parts if len(p)), default=0)
-    if top >= vocab_size:
+    top = max((int(p.max()) for p in parts if len(p)), default=None)  # None: an empty shard holds no ids
+    if top is not None and top >= vocab_size:
         raise ValueError(f"shard {path} holds token id {top:,} but the vocabulary has {vocab_size:,} ids: it "
                          f"was prepared with another tokenizer than the model's (or is corrupt)")
 

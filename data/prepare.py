@@ -36,7 +36,6 @@ shard is written atomically and then entered in manifest.json; killed, the same 
 resumes after the last shard entered (the input is re-read, not re-tokenized).
 """
 
-import argparse
 import ast
 import base64
 import glob
@@ -55,10 +54,12 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make `data.` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import Number, Parser  # noqa: E402
 from data.tokenizer import (EOT, CharTokenizer, bpe_encoding, fingerprint, gpt2_encoding, load_any_tokenizer, load_bpe,
                             save_bpe, train_bpe)
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+VAL_FRACTION = Number(float, 0, 1, high_open=True)  # the share of the corpus held out for validation
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -110,8 +111,11 @@ def load_corpus(corpus):
         return shakespeare_corpus()
     if not os.path.isfile(corpus):
         raise FileNotFoundError(f"corpus {corpus!r} is neither 'pydoc', 'shakespeare' nor a text file")
-    with open(corpus, encoding="utf-8") as f:
-        return [f.read()]
+    try:
+        with open(corpus, encoding="utf-8") as f:
+            return [f.read()]
+    except UnicodeDecodeError as e:
+        raise ValueError(not_utf8(corpus, e, [], 1)) from None
 
 
 def corpus_name(corpus):
@@ -139,9 +143,12 @@ def prepare(corpus="pydoc", tokenizer="bpe", vocab_size=4096, out=None, val_frac
         with open(meta_path) as f:
             reused = json.load(f)
         tokenizer = reused["tokenizer"]
+    VAL_FRACTION.check("--val_fraction", val_fraction)
     out = out or os.path.join(DATA_DIR, f"{corpus_name(corpus)}_{tokenizer}")
     docs = load_corpus(corpus)
     text = "\n\n".join(docs)
+    if not text.strip():  # before writing anything
+        raise ValueError(f"--corpus {corpus!r} has no text (no documents, or only empty ones)")
     meta = {"tokenizer": tokenizer, "corpus": corpus}
     os.makedirs(out, exist_ok=True)
     if tokenizer == "char":
@@ -268,8 +275,19 @@ def iter_pieces(corpus, text_field="text"):
     if corpus.startswith("hf:"):
         yield from hf_pieces(corpus[3:], text_field)
         return
-    for path in list_files(corpus):
-        yield from read_pieces(path, text_field)
+    files = list_files(corpus)
+    for n, path in enumerate(files):
+        try:
+            yield from read_pieces(path, text_field)
+        except UnicodeDecodeError as e:
+            raise ValueError(not_utf8(path, e, files[:n], len(files))) from None
+
+
+def not_utf8(path, e, read, total):
+    """One line: which file is not UTF-8, where, and which files were read before it."""
+    before = ", ".join(read[:3]) + (f" and {len(read) - 3} more" if len(read) > 3 else "") if read else "none"
+    return (f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); read before it ({len(read)} of {total} "
+            f"files): {before}; convert it to UTF-8 (iconv -f latin1 -t utf-8) or move it out of the corpus")
 
 
 # ----------------------------------------------------------------------------- tokenizing workers
@@ -389,8 +407,10 @@ def prepare_shards(corpus, tokenizer="bpe", out=None, vocab_size=32000, text_fie
     if out is None:  # data/<the corpus's path or glob, its odd characters as _>_shards
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in corpus.removeprefix("hf:").strip("/*."))
         out = os.path.join(DATA_DIR, f"{name.strip('_')}_shards")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    VAL_FRACTION.check("--val_fraction", val_fraction)
+    if tokenizer == "char":  # its vocabulary is every character of the corpus, known only after reading it all
+        raise ValueError(f"--tokenizer char is for the small path (pydoc, shakespeare or one text file); for "
+                         f"--corpus {corpus!r}, read in shards, use bpe, gpt2 or a tokenizer file")
     if not any(text.strip() for text, _, _ in iter_pieces(corpus, text_field)):  # before writing anything
         raise ValueError(f"--corpus {corpus!r} has no text (no documents, or only empty ones)")
     from checkpoint import atomic_write, read_json, write_json  # (imports torch: after the quick checks)
@@ -405,8 +425,14 @@ def prepare_shards(corpus, tokenizer="bpe", out=None, vocab_size=32000, text_fie
             changed = [k for k in settings if manifest["settings"].get(k) != settings[k]]
             raise ValueError(f"{out} holds a prepare with other {', '.join(changed)}; to resume give the same "
                              f"arguments, or choose another --out")
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
-    spec, meta = setup_tokenizer(corpus, tokenizer, out, vocab_size, text_field, bpe_sample_chars, verbose)
+    try:
+        spec, meta = setup_tokenizer(corpus, tokenizer, out, vocab_size, text_field, bpe_sample_chars, verbose)
+    except BaseException:
+        if created and not os.listdir(out):
+            os.rmdir(out)  # a prepare refused at its tokenizer leaves no empty folder behind
+        raise
     tok = resolve_tokenizer(spec)
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
     if manifest is None:
@@ -499,26 +525,35 @@ def use_shards(corpus, tokenizer):
     return not (small and tokenizer in ("char", "bpe", "gpt2"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser():
+    p = Parser(__doc__)
     p.add_argument("--corpus", default="pydoc", help="pydoc (offline default), shakespeare, a file, a directory, "
                    "a glob of .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet files, or hf:NAME[:CONFIG] (online)")
     p.add_argument("--tokenizer", default="bpe", help="char, bpe (trained here), gpt2, or a tokenizer.json / "
                    "tokenizer.model / .tiktoken file (or a directory holding one)")
-    p.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (bpe only; default 4096, "
-                   "32000 for shards)")
+    p.add_argument("--vocab_size", type=Number(int, 257), default=None, help="BPE vocabulary size: 256 bytes, "
+                   "the merges and <|endoftext|> (bpe only; default 4096, 32000 for shards)")
     p.add_argument("--out", default=None, help="output directory (default data/<corpus>_<tokenizer>)")
-    p.add_argument("--val_fraction", type=float, default=None, help="default 0.1 (0.01 for shards)")
+    p.add_argument("--val_fraction", type=VAL_FRACTION, default=None, help="the share of the corpus held out for "
+                   "validation (default 0.1, 0.01 for shards)")
     p.add_argument("--tokenizer_from", default=None, help="reuse the tokenizer of this dataset or out_dir")
     p.add_argument("--shards", action="store_true", help="stream into shards even for a small corpus")
     p.add_argument("--text_field", default="text", help="the JSON field / parquet column holding the text")
-    p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: every CPU)")
-    p.add_argument("--batch_chars", type=int, default=1 << 20, help="characters per tokenizing task")
-    p.add_argument("--shard_chars", type=int, default=1 << 28, help="characters of input per shard")
-    p.add_argument("--bpe_sample_chars", type=int, default=1 << 22, help="characters our BPE trains on (shards; "
-                   "train_bpe takes minutes per million characters at 32,000 tokens)")
-    args = p.parse_args(argv)
+    p.add_argument("--workers", type=Number(int, 1), default=None, help="tokenizing processes (default: every CPU)")
+    p.add_argument("--batch_chars", type=Number(int, 1), default=1 << 20, help="characters per tokenizing task")
+    p.add_argument("--shard_chars", type=Number(int, 1), default=1 << 28, help="characters of input per shard")
+    p.add_argument("--bpe_sample_chars", type=Number(int, 1), default=1 << 22, help="characters our BPE trains on "
+                   "(shards; train_bpe takes minutes per million characters at 32,000 tokens)")
+    return p
+
+
+def parse_args(argv):
+    return argument_parser().parse_args(argv)
+
+
+def main(argv=None):
     try:
+        args = parse_args(argv)
         if args.shards or use_shards(args.corpus, args.tokenizer):
             prepare_shards(args.corpus, args.tokenizer, args.out, args.vocab_size or 32000, args.text_field,
                            0.01 if args.val_fraction is None else args.val_fraction, args.workers,
@@ -527,7 +562,8 @@ def main(argv=None):
             prepare(args.corpus, args.tokenizer, args.vocab_size or 4096, args.out,
                     0.1 if args.val_fraction is None else args.val_fraction, tokenizer_from=args.tokenizer_from)
     except (OSError, RuntimeError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_checkpoint, write_json  # noqa: E402
 
@@ -41,6 +42,7 @@ def run(out_dir, s, *args, iters=None, eval_every=None):
         argv += ["--n_kv_head", str(s["n_head"])]
     cfg, model_args, explicit = train.parse_args(argv)
     ckpt = os.path.join(out_dir, "ckpt.pt")
+    runs.check_run_kind(out_dir, "train.py", resume=True)  # a folder of llava.py's or align.py's is not ours to redo
     if os.path.exists(ckpt):
         done = load_checkpoint(ckpt)
         if same_settings(done, cfg, model_args):

@@ -89,7 +89,8 @@ def finetune(s, name, method, extra, base, data, root):
         ["--config", "demo", "--init_from", base, "--dataset", data, "--out_dir", out_dir, "--max_iters", str(n),
          "--eval_interval", str(max(n // 3, 1)), "--eval_iters", str(s["eval_iters"]), "--batch_size", str(s["batch"]),
          "--learning_rate", str(lr), "--min_lr", str(lr / 10), "--warmup_iters", str(max(n // 10, 1)),
-         "--weight_decay", "0", "--log_interval", str(max(n // 3, 1)), "--peft", method] + extra)
+         "--weight_decay", "0", "--log_interval", str(max(n // 3, 1)), "--peft", method] + extra
+        + (["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []))  # cut short: continue it
     ckpt = load_checkpoint(out_dir)
     config = ModelConfig.from_dict(ckpt["model_config"])
     trainable = sum(t.numel() for t in ckpt["model"].values()) if method else count_params(config)

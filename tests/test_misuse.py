@@ -200,11 +200,11 @@ def test_train_numbers_out_of_range(argv, message, char_dataset, tmp_path, capsy
 
 
 SAMPLE_NUMBERS = [
-    (["--num_samples", "0"], "--num_samples and --max_new_tokens must be >= 1, got 0 and 200"),
-    (["--max_new_tokens", "-1"], "--num_samples and --max_new_tokens must be >= 1, got 1 and -1"),
+    (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 1, got -1"),
     (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 is greedy), got nan"),
     (["--temperature", "1e-45"], "temperature 1e-45 is so small that logits / temperature overflow"),
-    (["--top_k", "0"], "top_k must be a positive integer or None, got 0"),
+    (["--top_k", "0"], "--top_k must be >= 1, got 0"),
 ]
 
 
@@ -328,3 +328,181 @@ def test_bench_checks_its_out_dir_first(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--out_dir", str(tmp_path / "a_file" / "o")],
                        capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert r.returncode == 1 and "is not writable" in r.stderr and time.time() - start < 60, r.stderr
+
+
+# ============================================================================= second round (issue 28)
+# Numbers in every command's options: tests/test_options.py (the guard). Here, the other classes.
+@pytest.fixture(scope="module")
+def llava_run(tmp_path_factory):
+    import llava
+    out = tmp_path_factory.mktemp("llava_run")
+    tok = llava.WordTokenizer(llava.build_vocab())
+    llava.save(llava.new_llava(tok, llava.Settings(**llava.QUICK), "mlp"), tok, str(out / "ckpt.pt"))
+    return str(out)
+
+
+# ----------------------------------------------------------------------------- 1. a writer never replaces a run
+def test_every_writer_refuses_a_run_of_another_kind(trained, llava_run, char_dataset, capsys):
+    import bench
+    import llava
+    before, before_llava = snapshot(trained), snapshot(llava_run)
+    err = one_error_line(capsys, llava.main, ["--out_dir", trained, "--quick"])
+    assert f"out_dir {trained} holds a train.py run (ckpt.pt) and llava.py would overwrite it" in err
+    err = one_error_line(capsys, bench.main, ["--out_dir", trained, "--quick", "--only", "kv"])
+    assert "holds a train.py run (ckpt.pt) and bench.py would overwrite it" in err
+    for resume in ([], ["--resume"]):
+        err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir", llava_run] + TINY + resume)
+        assert f"out_dir {llava_run} holds a llava.py run (ckpt.pt) and train.py would overwrite it" in err
+    assert snapshot(trained) == before and snapshot(llava_run) == before_llava
+
+
+def test_a_run_is_continued_or_left_alone_never_restarted_over(trained, llava_run, char_dataset, capsys):
+    import llava
+    before = snapshot(trained)
+    err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir", trained] + TINY)
+    assert f"out_dir {trained} holds a train.py run (ckpt.pt) that this command would overwrite; continue it " \
+           f"with --resume or write elsewhere, e.g. --out_dir {trained}_new" in err
+    assert snapshot(trained) == before
+    before = snapshot(llava_run)
+    err = one_error_line(capsys, llava.main, ["--out_dir", llava_run, "--quick"])
+    assert "holds a llava.py run (ckpt.pt) that this command would overwrite; write elsewhere" in err
+    assert snapshot(llava_run) == before
+
+
+def test_no_message_advises_writing_over_the_run_it_names(trained, capsys):
+    """sample.py --image on a train.py run once advised `python llava.py --out_dir <that run>`."""
+    err = one_error_line(capsys, sample.main, ["--out_dir", trained, "--image", "x.png"])  # refused before the image
+    assert "is not a llava.py checkpoint" in err and f"--out_dir {trained}" not in err
+
+
+def test_llava_holds_the_out_dir_lock(tmp_path, capsys):
+    import llava
+    from checkpoint import lock_out_dir, unlock_out_dir
+    out = str(tmp_path / "busy")
+    lock_out_dir(out)  # another process's run, as far as the lock can tell: flock is per open file
+    try:
+        err = one_error_line(capsys, llava.main, ["--out_dir", out, "--quick"])
+    finally:
+        unlock_out_dir(out)
+    assert "is in use by process" in err and os.listdir(out) == []
+
+
+# ----------------------------------------------------------------------------- 2. regressions
+def test_values_that_start_with_a_minus_sign_are_values():
+    with pytest.raises(ValueError, match=r"^--learning_rate must be a finite number > 0, got -0.001$"):
+        train.parse_args(["--learning_rate", "-1e-3"])
+    assert sample.parse_args(["--prompt", "-1e-3", "--temperature", "0"]).prompt == "-1e-3"
+    assert sample.parse_args(["--prompt=-inf"]).prompt == "-inf"
+
+
+def test_a_corpus_folder_names_the_file_that_is_not_utf8(tmp_path, capsys):
+    from data import prepare
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("plain text\n")
+    (corpus / "b.txt").write_bytes(b"caf\xe9\n")  # Latin-1
+    err = one_error_line(capsys, prepare.main, ["--corpus", str(corpus), "--tokenizer", "bpe", "--vocab_size", "300",
+                                                "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert err == f"error: {corpus / 'b.txt'} is not UTF-8 text (byte 3: invalid continuation byte); read before " \
+                  f"it (1 of 2 files): {corpus / 'a.txt'}; convert it to UTF-8 (iconv -f latin1 -t utf-8) or move " \
+                  f"it out of the corpus"
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 3. empty and degenerate data
+@pytest.mark.parametrize("corpus, argv, message", [
+    ("empty.txt", ["--tokenizer", "char"], "has no text (no documents, or only empty ones)"),
+    ("empty.txt", ["--tokenizer", "bpe", "--vocab_size", "300"], "has no text (no documents, or only empty ones)"),
+    ("docs.txt", ["--tokenizer", "char", "--val_fraction", "1.5"], "--val_fraction must be in [0, 1), got 1.5"),
+    ("docs.txt", ["--tokenizer", "char", "--val_fraction", "-0.2"], "--val_fraction must be in [0, 1), got -0.2"),
+    ("docs.jsonl", ["--tokenizer", "char"], "--tokenizer char is for the small path"),
+], ids=["empty-char", "empty-bpe", "val1.5", "val-0.2", "char-jsonl"])
+def test_prepare_refuses_data_it_cannot_split(corpus, argv, message, tmp_path, capsys):
+    from data import prepare
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "docs.txt").write_text("a document\n")
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    err = one_error_line(capsys, prepare.main, ["--corpus", str(tmp_path / corpus), "--out", str(tmp_path / "out")]
+                         + argv)
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_a_dataset_with_an_empty_vocabulary_says_so(tmp_path):
+    from data.dataset import open_dataset
+    folder = tiny_dataset(str(tmp_path / "empty"), [], [])
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    write_json({**meta, "chars": "", "vocab_size": 0}, os.path.join(folder, "meta.json"))
+    with pytest.raises(ValueError, match="has an empty vocabulary .meta.json: vocab_size 0.: it was prepared from a "
+                                         "corpus without text"):
+        open_dataset(folder, vocab_size=0)
+
+
+# ----------------------------------------------------------------------------- 4. numbers the tools run on
+def test_a_huge_evaluation_is_announced_before_the_run(capsys):
+    cfg, _, _ = train.parse_args(["--eval_iters", "1000000000", "--max_iters", "200"])
+    train.check_evaluation_cost(cfg)
+    assert capsys.readouterr().out == (
+        "note: evaluation costs more than training: 5 evaluation(s) x 2 splits x 1,000,000,000 batches = "
+        "10,000,000,000 forward passes against 200 steps x 1 micro-batch(es) x 3 = 600; lower --eval_iters or raise "
+        "--eval_interval\n")
+    train.check_evaluation_cost(train.parse_args(["--config", "first"])[0])  # the README's run: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_bench_rounds_are_what_was_asked(capsys):
+    import bench
+    err = one_error_line(capsys, bench.main, ["--rounds", "0"])
+    assert err == "error: --rounds must be >= 1, got 0"
+
+
+# ----------------------------------------------------------------------------- 5. tracebacks left
+def test_sample_on_a_llava_run_without_an_image_is_one_line(llava_run, capsys):
+    err = one_error_line(capsys, sample.main, ["--out_dir", llava_run])
+    assert err == f"error: {llava_run} holds a llava.py run (ckpt.pt), not a train.py or align.py run; sample.py " \
+                  f"reads it with --image PNG"
+
+
+def test_a_file_size_limit_while_writing_a_checkpoint_is_one_line_and_the_old_file_stays(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    code = (f"import resource, signal, sys, torch; sys.path.insert(0, {ROOT!r})\n"
+            "from checkpoint import save_checkpoint\nfrom runs import exit_with_error\n"
+            f"save_checkpoint({{'w': torch.zeros(10)}}, {str(path)!r})\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))\n"
+            f"try:\n    save_checkpoint({{'w': torch.zeros(100000)}}, {str(path)!r})\n"
+            "except OSError as e:\n    exit_with_error(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.returncode == 1 and r.stderr == f"error: writing {path} failed (File too large): the previous ckpt.pt " \
+                                             f"is unchanged; is the disk full, or a file-size limit (ulimit -f) set?\n"
+    assert torch.load(path, weights_only=True)["w"].shape == (10,) and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ----------------------------------------------------------------------------- 6. messages that say what is wrong
+def test_qlora_on_a_bitnet_model_says_what_it_is():
+    import quant
+    with pytest.raises(ValueError, match=r"^nf4-dq quantization replaces nn.Linear layers, but this model's layers "
+                                         r"are BitNet BitLinear \(bitlinear=True\)"):
+        quant.quantize_model(Transformer(tiny_config(bitlinear=True)), "nf4-dq")
+
+
+# ----------------------------------------------------------------------------- 7. Hugging Face configs
+@pytest.mark.parametrize("rope, read", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+      "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope scaling 'linear'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+      "rope_scaling": {"rope_type": "default", "rope_theta": 7e5}}, 7e5),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_scaling": None}, 5e5),
+], ids=["scaling-over-parameters", "theta-of-scaling", "scaling-null"])
+def test_rope_parameters_and_rope_scaling_together_as_transformers_reads_them(rope, read):
+    """transformers: a rope_scaling, when given, replaces rope_parameters (type, factor and theta)."""
+    if isinstance(read, str):
+        with pytest.raises(ValueError, match=read):
+            config_from_hf({**LLAMA, **rope})
+    else:
+        assert config_from_hf({**LLAMA, **rope}).rope_theta == read
+    transformers = pytest.importorskip("transformers", reason="the oracle is transformers' LlamaConfig")
+    theirs = transformers.LlamaConfig(**{k: v for k, v in {**LLAMA, **json.loads(json.dumps(rope))}.items()
+                                         if k not in ("architectures", "model_type")}).rope_parameters
+    assert theirs["rope_type"] == ("linear" if isinstance(read, str) else "default")
+    if not isinstance(read, str):
+        assert theirs["rope_theta"] == read

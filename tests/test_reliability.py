@@ -204,7 +204,7 @@ def test_train_unwritable_out_dir_fails_before_training(char_dataset, tmp_path, 
 def test_train_disk_full_fails_before_training(char_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     err = one_error_line(capsys, train.main, ["--dataset", char_dataset, "--out_dir", str(tmp_path / "out")] + TINY)
-    assert "GB free but checkpoints need about" in err
+    assert "1,000 B free but two checkpoints (the new one is written before the old one is replaced) need about" in err
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
@@ -241,7 +241,7 @@ def test_sample_checkpoints_that_do_not_fit(trained, tmp_path, capsys):
     checkpoint.save_checkpoint({**ckpt, "model_config": config.to_dict(), "model": Transformer(config).state_dict()},
                           str(bit / "ckpt.pt"))
     err = one_error_line(capsys, sample.main, ["--out_dir", str(bit), "--quantize", "nf4"])
-    assert "already quantized with bitlinear" in err
+    assert "nf4 quantization replaces nn.Linear layers, but this model's layers are BitNet BitLinear" in err
 
 
 def test_sample_prompt_longer_than_the_context_is_cropped_with_a_one_line_warning(trained):
