@@ -42,6 +42,29 @@ def resolve_device(name):
     return device
 
 
+def choose_threads(device):
+    """Threads for a CPU run, chosen at start and printed. PyTorch's default, one thread per
+    core, is fastest on an idle machine; when other processes keep the cores busy, threads
+    that meet at a barrier after every product wait for each other and spin, and a step
+    takes several times longer (experiments/threads.py measures it). So: the cores the
+    1-minute load average leaves free, shared among the processes of a torchrun on this
+    machine, at least 1. OMP_NUM_THREADS, when set, decides instead. Returns the count."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        n = torch.get_num_threads()
+        print(f"threads: {n} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    n = max(1, min(cores, round((cores - load) / local_world)))
+    torch.set_num_threads(n)
+    print(f"threads: {n} of {cores} cores (load average {load:.1f} at start; on cores other work keeps busy, "
+          f"extra threads wait for each other; OMP_NUM_THREADS=N chooses)")
+    return n
+
+
 def exit_with_error(e):
     """Every command line's end on bad input or a missing file: one line on stderr, exit
     status 1. DEBUG=1 in the environment shows the traceback instead."""

@@ -30,7 +30,7 @@ from checkpoint import load_checkpoint
 from data.scenes import read_image
 from decode import for_decoding
 from model import check_sampling_args, sample_next
-from runs import exit_with_error, load_adapter, load_run, resolve_device
+from runs import choose_threads, exit_with_error, load_adapter, load_run, resolve_device
 
 
 class HFTokenizer:
@@ -237,6 +237,7 @@ def main(argv=None):
                              f"{args.max_new_tokens}")
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         device = resolve_device(args.device)
+        choose_threads(device)
         if args.image:
             return sample_image(args, device)
         model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)

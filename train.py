@@ -46,8 +46,9 @@ from model import ModelConfig, count_params, flops_per_token
 from peft import PagedAdamW, parse_targets
 from distributed import (compiles, gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum,
                          state_dicts, wrap_model)
-from plan import check_epochs, check_fits, format_plan, peak_flops, plan, print_memory_estimate
-from runs import build_model, check_finite, check_out_dir, copy_tokenizer, exit_with_error, plot_losses, save_adapter
+from plan import check_epochs, check_fits, device_spec, format_plan, peak_flops, plan, print_memory_estimate
+from runs import (build_model, check_finite, check_out_dir, choose_threads, copy_tokenizer, exit_with_error, plot_losses,
+                  resolve_device, save_adapter)
 
 
 # ----------------------------------------------------------------------------- config
@@ -196,7 +197,7 @@ def argument_parser():
     g.add_argument("--plan_tokens", type=float, help="total tokens (default: max_iters steps)")
     g.add_argument("--plan_tokens_per_sec", type=float, help="measured throughput per device")
     g.add_argument("--plan_mfu", type=float, help="or an MFU (0-1), with the device's peak")
-    g.add_argument("--plan_device", default="A100-40G", help="one of plan.DEVICES")
+    g.add_argument("--plan_device", default="auto", help="one of plan.DEVICES, or auto: this machine's GPU, else CPU")
     g.add_argument("--plan_devices", type=int, default=1, help="number of devices")
     for group, cls in (("training", TrainConfig), ("model (model.py)", ModelConfig)):
         g = p.add_argument_group(group)
@@ -342,6 +343,10 @@ def setup(cfg, model_args, explicit):
                              **{k: getattr(cfg, k) for k in explicit}, "resume": True})
         check_train_config(cfg)
     r.cfg = cfg
+    r.dtype = {"auto": torch.bfloat16 if r.device.type == "cuda" else torch.float32,
+               "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if r.ckpt is None and not cfg.init_from:  # a new model: its shapes alone say whether a step fits, before
+        check_fits(cfg, ModelConfig.from_name(cfg.model, **model_args), r.device, r.dtype, r.world)  # data or weights
     r.local_accum = split_grad_accum(cfg, r.world, r.master)
     if r.master:
         lock_out_dir(cfg.out_dir)  # before anything reads or writes the out_dir's files
@@ -356,9 +361,7 @@ def setup(cfg, model_args, explicit):
     r.raw = model.to(r.device)
     r.raw.grad_checkpoint = cfg.grad_checkpoint
     r.config = r.raw.config
-    r.dtype = {"auto": torch.bfloat16 if r.device.type == "cuda" else torch.float32,
-               "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    check_fits(cfg, r.config, r.device, r.dtype, r.world)
+    check_fits(cfg, r.config, r.device, r.dtype, r.world)  # the model as built (a checkpoint's, the tokenizer's vocabulary)
     if r.master:
         check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
         check_epochs(cfg, r.config, r.meta)
@@ -557,6 +560,9 @@ def print_sample(r):
 
 def print_plan(cfg, model_args, args):
     config = ModelConfig.from_name(cfg.model, **model_args)
+    if args.plan_device == "auto":  # the GPU this run would use when the table knows it, else this CPU
+        device = resolve_device(cfg.device)
+        args.plan_device = (device_spec(device)[0] if device.type == "cuda" else None) or "CPU"
     p = plan(config, tokens_per_step=cfg.grad_accum * cfg.batch_size * config.block_size,
              steps=None if args.plan_tokens else cfg.max_iters, total_tokens=args.plan_tokens,
              tokens_per_sec=args.plan_tokens_per_sec, mfu=args.plan_mfu, device=args.plan_device,
@@ -582,6 +588,7 @@ def main(argv=None):
                                   bf16=cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()),
                                   grad_checkpoint=cfg.grad_checkpoint)
             return
+        choose_threads(resolve_device(cfg.device))
         train(cfg, model_args, explicit)
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
