@@ -209,7 +209,8 @@ def device_spec(device):
     by its memory size, 40 or 80 GB); (None, None) for a GPU not in the table."""
     name = torch.cuda.get_device_name(device)
     # the model as a whole word: "L4" must not match "NVIDIA L40S"
-    keys = [k for k in DEVICES if k != "CPU" and re.search(rf"(?<![A-Za-z0-9]){re.escape(k.split('-')[0])}(?![A-Za-z0-9])", name)]
+    keys = [k for k in DEVICES if k != "CPU"
+            and re.search(rf"(?<![A-Za-z0-9]){re.escape(k.split('-')[0])}(?![A-Za-z0-9])", name)]
     if not keys:
         return None, None
     total = torch.cuda.get_device_properties(device).total_memory
@@ -293,8 +294,9 @@ def format_plan(p):
         + ("" if p["fits"] else "  -> DOES NOT FIT"),
     ]
     if p.get("gpu_hours") is not None:
+        digits = 2 if p["device"] == "CPU" else 0  # a CPU's peak is a few hundredths of a TFLOP/s
         lines.append(f"throughput   {p['tokens_per_sec_per_device']:,.0f} tokens/s per {p['device']} = "
-                     f"{100 * p['mfu']:.1f}% MFU (peak {DEVICES[p['device']]['peak_flops'] / 1e12:.{2 if p['device'] == 'CPU' else 0}f} "
+                     f"{100 * p['mfu']:.1f}% MFU (peak {DEVICES[p['device']]['peak_flops'] / 1e12:.{digits}f} "
                      f"TFLOP/s {'fp32, measured now' if p['device'] == 'CPU' else 'bf16'})")
         lines.append(f"time         {p['gpu_hours']:,.0f} {p['device']}-hours = {p['wall_hours']:,.1f} h "
                      f"({p['wall_hours'] / 24:,.2f} days) on {p['n_devices']} devices")

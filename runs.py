@@ -12,6 +12,7 @@ sample.py and the experiments all go through here.
 import os
 import shutil
 import sys
+import textwrap
 
 import safetensors.torch
 import torch
@@ -228,7 +229,8 @@ def plot_losses(history, path, title):
     ax.plot([i + 1 for i in history["iter"]], history["train_loss"], lw=1, label="train (each step's batch)")
     if history["eval_iter"]:
         ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val (evaluation)")
-    ax.set(xlabel="iteration (optimizer steps)", ylabel="cross-entropy loss (nats/token)", title=title)
+    ax.set(xlabel="iteration (optimizer steps)", ylabel="cross-entropy loss (nats/token)")
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)  # a long out_dir wraps, not cut off
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -47,8 +47,8 @@ from peft import PagedAdamW, parse_targets
 from distributed import (compiles, gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum,
                          state_dicts, wrap_model)
 from plan import check_epochs, check_fits, device_spec, format_plan, peak_flops, plan, print_memory_estimate
-from runs import (build_model, check_finite, check_out_dir, choose_threads, copy_tokenizer, exit_with_error, plot_losses,
-                  resolve_device, save_adapter)
+from runs import (build_model, check_finite, check_out_dir, choose_threads, copy_tokenizer, exit_with_error,
+                  plot_losses, resolve_device, save_adapter)
 
 
 # ----------------------------------------------------------------------------- config
@@ -361,7 +361,7 @@ def setup(cfg, model_args, explicit):
     r.raw = model.to(r.device)
     r.raw.grad_checkpoint = cfg.grad_checkpoint
     r.config = r.raw.config
-    check_fits(cfg, r.config, r.device, r.dtype, r.world)  # the model as built (a checkpoint's, the tokenizer's vocabulary)
+    check_fits(cfg, r.config, r.device, r.dtype, r.world)  # as built: a checkpoint's shapes, the tokenizer's vocabulary
     if r.master:
         check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
         check_epochs(cfg, r.config, r.meta)

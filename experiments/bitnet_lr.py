@@ -88,8 +88,8 @@ def plot(results, lrs, path, title):
             label = variant + (" (diverged)" if r["diverged"] else "")
             ax.plot(smooth(r["train_loss"]), color=f"C{i}", lw=1.2, label=label)
         ax.set_title(f"peak lr {lr:g}")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("train loss (10-step mean)")
+        ax.set_xlabel("iteration (optimizer steps)")
+        ax.set_ylabel("train loss, 10-step mean (nats/token)")
         ax.set_ylim(1.0, 5.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -100,7 +100,7 @@ def plot(results, lrs, path, title):
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], minor=False)
     ax.set_xticks([], minor=True)
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation loss")
+    ax.set_ylabel("final validation loss (nats/token)")
     ax.set_title("final validation loss vs learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -137,8 +137,8 @@ def main():
           f"training holds {totals['training_bytes_per_param']} B/param either way")
 
     plot(results, setup["lrs"], os.path.join(args.out, name + ".png"),
-         f"bitnet_lr.py{' --quick' if args.quick else ''}: fp32 vs BitNet vs BitNet b1.58 training, "
-         f"debug model (2 x 64, characters), {setup['iters']} steps per learning rate")
+         f"bitnet_lr.py{' --quick' if args.quick else ''}: fp32 / BitNet / b1.58, debug model (2 x 64), "
+         f"{setup['iters']} steps per rate")
     path = os.path.join(args.out, name + ".json")
     write_json(dict(quick=args.quick, setup=setup, results=results, packing=dict(lr=best, rows=rows, totals=totals)),
                path)

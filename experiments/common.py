@@ -65,6 +65,8 @@ def same_settings(ckpt, cfg, model_args):
 def write(name, quick, results, fig):
     """experiments/out/<name>.json and .png (<name>_quick.* for the smoke test)."""
     stem = os.path.join(OUT, name + ("_quick" if quick else ""))
+    if not fig.get_suptitle():  # every figure names the run that made it
+        fig.suptitle(" ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:]))
     write_json(results, stem + ".json")
     save_figure(fig, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png")

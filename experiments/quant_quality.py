@@ -117,9 +117,10 @@ def plot(errors_normal, errors_trained, table, path, title, normal_shape):
     names = list(table)
     added = [table[n]["val_loss"] - table["fp32"]["val_loss"] for n in names]
     bars = axes[2].bar(names, added, color=["gray"] + ["C0"] * (len(names) - 1))
-    axes[2].bar_label(bars, labels=[f"{a:+.4f}" for a in added], fontsize=8)
+    axes[2].bar_label(bars, labels=[f"{a:+.1e}" for a in added], fontsize=8)
     axes[2].axhline(0, color="black", lw=0.8)
-    axes[2].set_ylim(min(0, *added) * 1.3, max(max(added) * 1.3, 1e-3))
+    span = max(abs(a) for a in added) or 1e-6
+    axes[2].set_ylim(min(0, *added) - 0.15 * span, max(0, *added) + 0.15 * span)  # 0 always in view
     axes[2].set_ylabel("validation loss - fp32's (nats/token)")
     axes[2].set_title(f"added loss, blocks' linears quantized (fp32: {table['fp32']['val_loss']:.4f})")
     axes[2].tick_params(axis="x", rotation=30)

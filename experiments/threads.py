@@ -72,8 +72,8 @@ def busy_processes(n):
 def tables(results):
     """Markdown for README.md: wall and CPU ms per step, as the machine was and under added load."""
     busy = results["busy"]
-    rows = [f"| model | threads | wall ms/step | CPU ms/step | wall ms/step, +{busy} busy | CPU ms/step, +{busy} busy |",
-            "|---|---|---|---|---|---|"]
+    rows = [f"| model | threads | wall ms/step | CPU ms/step | wall ms/step, +{busy} busy "
+            f"| CPU ms/step, +{busy} busy |", "|---|---|---|---|---|---|"]
     for name in results["as_it_was"]:
         for n in results["threads"]:
             q, b = results["as_it_was"][name][str(n)], results["loaded"][name][str(n)]

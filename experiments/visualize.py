@@ -101,7 +101,7 @@ def main():
         axes[1, 2 + k].ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
     fig.suptitle(f"visualize.py{' --quick' if args.quick else ''}: {run_name}; the head of each layer that "
                  f"looks furthest back, on the prompt {args.prompt[:40]!r}...")
-    results = {"prompt": args.prompt, "heads_shown": picks, "rope_theta": c.rope_theta,
+    results = {"model": run_name, "prompt": args.prompt, "heads_shown": picks, "rope_theta": c.rope_theta,
                "rope_inv_freq": inv_freq.tolist(), "schedules": schedules,
                "mean_attention_distance": [float((w * distance.clamp(min=0)).sum((-1, -2)).mean() / T) for w in maps]}
     write("visualize", args.quick, results, fig)

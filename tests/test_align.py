@@ -244,6 +244,7 @@ def test_reward_model_from_another_tokenizer_is_one_error_line(base, tmp_path, c
 
 
 # ----------------------------------------------------------------------------- the experiment, --quick
+@pytest.mark.slow  # the experiment: the slow set (conftest.py)
 def test_experiment_quick_smoke(tmp_path):
     env = {**os.environ, "EXPERIMENTS_OUT": str(tmp_path)}
     subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "align.py"), "--quick"], cwd=ROOT, env=env,

@@ -242,6 +242,7 @@ def test_bad_inputs_are_one_line_each(run_dir, tmp_path, capsys):
     assert json.loads(r.stdout)["n"] == 2
 
 
+@pytest.mark.slow  # the experiment: the slow set (conftest.py)
 def test_icl_experiment_quick(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EXPERIMENTS_OUT": str(tmp_path)}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "icl.py"), "--quick"], env=env,

@@ -87,6 +87,7 @@ def test_a_checkpoint_never_samples_with_another_runs_tokenizer(trained, tmp_pat
 
 
 # ----------------------------------------------------------------------------- 2. one run per out_dir
+@pytest.mark.slow  # two train.py processes racing, then a resume: about 15 s
 def test_two_runs_into_one_out_dir_exactly_one_proceeds(char_dataset, tmp_path):
     out = str(tmp_path / "shared")
     first = subprocess.Popen(train_cmd(char_dataset, out, "--max_iters", "100000", "--eval_interval", "100000"),
@@ -280,6 +281,9 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_143(char_dataset, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     saved = load_checkpoint(out)["iter_num"]
     assert saved >= 3 and f"stopped by SIGTERM at iteration {saved}: saved" in err and "--resume" in err
+    # said at once, before the evaluation and the save
+    assert err.lstrip().startswith(f"SIGTERM: finishing the step in progress, then evaluating (2 batches per split) "
+                                   f"and saving {out}/ckpt.pt before stopping")
 
 
 def test_ctrl_c_before_the_first_checkpoint_does_not_claim_one(char_dataset, monkeypatch, tmp_path, capsys):
