@@ -217,6 +217,7 @@ def test_sample_numbers_out_of_range(argv, message, trained, capsys):
 
 
 # ----------------------------------------------------------------------------- 6. devices
+@pytest.mark.slow  # every tool as a process, bench.py with transformers among them
 @pytest.mark.parametrize("device, message", [("tpu", "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
                                              ("cuda", "this machine has no CUDA GPU; use --device cpu")])
 def test_devices_are_one_line_in_every_tool(device, message, trained, char_dataset, tmp_path, capsys):
@@ -326,6 +327,7 @@ def test_nan_in_loaded_weights_is_bad_input_not_a_divergence(trained, char_datas
     assert "holds NaN or inf values" in err and "diverged" not in err
 
 
+@pytest.mark.slow  # bench.py as a process: transformers' import alone takes seconds
 def test_bench_checks_its_out_dir_first(tmp_path):
     (tmp_path / "a_file").write_text("x")
     start = time.time()

@@ -109,6 +109,7 @@ def _bnb():
     return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the optional NF4 oracle")
 
 
+@pytest.mark.slow  # bitsandbytes' CPU kernels: about half a minute
 def test_nf4_equals_bitsandbytes():
     F = _bnb()
     w = torch.randn(256, 300)  # 76800 values: 1200 blocks
