@@ -102,9 +102,9 @@ def plot(results, quick):
                                f"the same + {results['busy']} busy processes"])
         ax.set_ylim(0, None)
         ax.set(ylabel="wall time per optimizer step (ms)",
-               title=f"threads.py{' --quick' if quick else ''}: `{name}` model, {cores}-core CPU, "
-                     f"median of {results['steps']} steps")
+               title=f"`{name}` model, {cores}-core CPU, median of {results['steps']} steps")
         ax.legend()
+    fig.suptitle(f"python experiments/threads.py{' --quick' if quick else ''}: one thread vs one per core")
     return fig
 
 
