@@ -317,6 +317,8 @@ def main(argv=None):
     ks = [2, 4] if args.quick else [int(k) for k in args.ks.split(",")]
     try:
         device = resolve_device(args.device)
+        if args.draft and "speculative" in sections:
+            decode.check_draft_path(args.draft)  # before the target loads: names the command that makes the draft
     except ValueError as e:
         exit_with_error(e)
     if device.type != "cpu" and sections - {"speculative", "batched"}:

@@ -36,6 +36,7 @@ does this through torch.compile); for that, nothing in the step may change shape
 token to token.
 """
 
+import os
 import weakref
 
 import torch
@@ -505,6 +506,14 @@ def graph_step(model, batch_size):
 
 
 # ----------------------------------------------------------------------------- command line
+def check_draft_path(path):
+    """A --draft that names no trained run: say which command makes one."""
+    if path != "prompt" and not any(os.path.exists(os.path.join(path, f)) for f in ("ckpt.pt", "config.json")):
+        raise ValueError(f"--draft {path}: no draft model there (no ckpt.pt); train one on the target's data and "
+                         f"tokenizer with: python train.py --config demo --model demo_draft --out_dir {path} "
+                         f"(or use --draft prompt: prompt lookup needs no model)")
+
+
 def argument_parser():
     p = Parser("Speculative (or prompt-lookup) decoding and batched generation from a train.py run.")
     p.add_argument("--out_dir", default="out/demo", help="the target model's training out_dir")
@@ -530,6 +539,8 @@ def parse_args(argv):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.draft:
+            check_draft_path(args.draft)  # before loading anything
         device = resolve_device(args.device)
         model, tokenizer, _ = load_run(args.out_dir, device)
         for_decoding(model.eval())  # on a CPU: the weight layout its BLAS reads fastest

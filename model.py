@@ -113,14 +113,14 @@ PRESETS = {
     # TinyLlama-1.1B (arXiv:2401.02385, table 1): 1,100,048,384 parameters.
     "tinyllama_1b": dict(vocab_size=32000, block_size=2048, n_layer=22, n_embd=2048, n_head=32, n_kv_head=4,
                          intermediate_size=5632, rope_theta=10000.0, norm_eps=1e-5),
-    # 0.8M parameters over characters: the README's first run (train.py --config first), ~3 minutes on 2 cores
+    # over characters: the README's first run (train.py --config first; it prints its parameter count)
     "first": dict(vocab_size=128, block_size=128, n_layer=4, n_embd=128, n_head=4, n_kv_head=2),
-    # A 12.6M-parameter GQA model that trains on a laptop CPU (BPE vocabulary of 4096).
+    # A GQA model that trains on a laptop CPU (BPE vocabulary of 4096).
     "demo": dict(vocab_size=4096, block_size=256, n_layer=6, n_embd=384, n_head=6, n_kv_head=2),
-    # A few hundred thousand parameters: trains in seconds, for tests and smoke runs.
+    # The smallest preset: trains in seconds, for tests and smoke runs.
     "debug": dict(vocab_size=128, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2),
     # A draft model for speculative decoding with `demo` (decode.py): the same BPE vocabulary and
-    # context, 2 narrow layers, ~1.5M parameters (~8x fewer weight bytes to read per token).
+    # context, 2 narrow layers (~8x fewer weight bytes to read per token).
     "demo_draft": dict(vocab_size=4096, block_size=256, n_layer=2, n_embd=128, n_head=2, n_kv_head=1),
 }
 

@@ -53,7 +53,20 @@ DEVICES = {
     "A10G": {"peak_flops": 125e12, "memory": 24 * 2**30, "memory_bandwidth": 600e9},
     "L4": {"peak_flops": 121e12, "memory": 24 * 2**30, "memory_bandwidth": 300e9},
     "RTX 4090": {"peak_flops": 165e12, "memory": 24 * 2**30, "memory_bandwidth": 1.008e12},
+    # this machine's processor: fp32 matmul FLOP/s and memory, measured when first asked for (device_entry)
+    "CPU": {"peak_flops": None, "memory": None, "memory_bandwidth": None},
 }
+
+
+def device_entry(name):
+    """DEVICES[name]; the CPU's entry is measured the first time, as MFU's peak is at the
+    start of a run (peak_flops: a fp32 matmul, so on a busy machine it comes out low)."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; one of: {', '.join(DEVICES)}")
+    if name == "CPU" and DEVICES["CPU"]["peak_flops"] is None:
+        cpu = torch.device("cpu")
+        DEVICES["CPU"].update(peak_flops=peak_flops(cpu, torch.float32), memory=device_memory(cpu))
+    return DEVICES[name]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -97,10 +110,14 @@ def estimate_memory(config, batch_size, seq_len=None, lora_r=8, weight_bytes=4, 
 
 
 def fit_advice(config, batch_size, seq_len, device_memory, activation_bytes=2, n_devices=1, mode="full",
-               grad_checkpoint=False, fsdp=False, lora_r=8):
+               grad_checkpoint=False, fsdp=False, lora_r=8, grad_accum=1):
     """None if the step fits device_memory, else one line naming the knobs that make it
-    fit, each with its estimate (micro-batch, checkpointing, FSDP, LoRA, QLoRA)."""
+    fit, each with its estimate (micro-batch, checkpointing, FSDP, LoRA, QLoRA). A smaller
+    micro-batch comes with a larger grad_accum: the same tokens per optimizer step, so the
+    recipe (learning rate, schedule) still holds."""
     gib = 2**30
+    tokens_per_step = grad_accum * batch_size * seq_len
+    one = f"--batch_size 1 --grad_accum {grad_accum * batch_size}"
 
     def total(b, ckpt, shards=1, m=mode):
         return estimate_memory(config, b, seq_len, lora_r, activation_bytes=activation_bytes, grad_checkpoint=ckpt,
@@ -108,15 +125,17 @@ def fit_advice(config, batch_size, seq_len, device_memory, activation_bytes=2, n
     now = total(batch_size, grad_checkpoint, n_devices if fsdp else 1)
     if now <= device_memory:
         return None
-    options = [("--batch_size 1", total(1, grad_checkpoint)), ("--grad_checkpoint true", total(batch_size, True)),
-               ("--batch_size 1 --grad_checkpoint true", total(1, True))]
+    options = [(one, total(1, grad_checkpoint)), ("--grad_checkpoint true", total(batch_size, True)),
+               (f"{one} --grad_checkpoint true", total(1, True))]
     if n_devices > 1:
         options.append(("--dist fsdp --grad_checkpoint true", total(batch_size, True, n_devices)))
     options += [("--peft lora", total(batch_size, grad_checkpoint, m="lora")),
                 ("--peft qlora --grad_checkpoint true", total(batch_size, True, m="qlora"))]
     fits = [f"{flag} ({est / gib:.1f} GiB)" for flag, est in options if est <= device_memory]
+    keeps = f" (each keeps {tokens_per_step:,} tokens per optimizer step)" if batch_size > 1 else ""
     return (f"the step needs about {now / gib:.1f} GiB but the device has {device_memory / gib:.1f} GiB; "
-            + (f"what fits: {', '.join(fits)}" if fits else "nothing tried fits: use a smaller model or more memory"))
+            + (f"what fits: {', '.join(fits)}{keeps}" if fits else
+               "nothing tried fits: use a smaller model or more memory"))
 
 
 def device_memory(device):
@@ -126,13 +145,31 @@ def device_memory(device):
 
 
 def check_fits(cfg, config, device, dtype, world):
-    """train.py: stop before training when the estimate exceeds the device's memory."""
+    """train.py: stop before training when the estimate exceeds the device's memory, with
+    what would fit and how long one optimizer step of the recipe takes on this device at
+    best: its FLOPs over the device's peak (measured now on a CPU, as for MFU)."""
     advice = fit_advice(config, cfg.batch_size, config.block_size, device_memory(device),
                         activation_bytes=2 if dtype == torch.bfloat16 else 4, n_devices=world,
                         mode="qlora" if cfg.peft == "qlora" else "lora" if cfg.peft else "full",  # prefix: a frozen base too
-                        grad_checkpoint=cfg.grad_checkpoint, fsdp=cfg.dist == "fsdp" and world > 1, lora_r=cfg.lora_r)
-    if advice:
-        raise ValueError(f"{advice} (on {device}; see --estimate_memory)")
+                        grad_checkpoint=cfg.grad_checkpoint, fsdp=cfg.dist == "fsdp" and world > 1, lora_r=cfg.lora_r,
+                        grad_accum=cfg.grad_accum)
+    if not advice:
+        return
+    peak = peak_flops(device, dtype)
+    if peak:
+        tokens = cfg.grad_accum * cfg.batch_size * config.block_size
+        seconds = tokens * flops_per_token(config, config.block_size) / (peak * world)
+        advice += (f"; one optimizer step ({tokens:,} tokens) takes at least {format_seconds(seconds)} on "
+                   f"{world} x {device} at its {'measured ' if device.type == 'cpu' else ''}peak of "
+                   f"{peak / 1e9:,.0f} GFLOP/s (4/3 of that with --grad_checkpoint true, which recomputes the forward)")
+    raise ValueError(f"{advice} (see --estimate_memory)")
+
+
+def format_seconds(seconds):
+    """3.2 h, 14 min, 45 s: the unit that reads best."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def check_epochs(cfg, config, meta):
@@ -172,7 +209,8 @@ def device_spec(device):
     by its memory size, 40 or 80 GB); (None, None) for a GPU not in the table."""
     name = torch.cuda.get_device_name(device)
     # the model as a whole word: "L4" must not match "NVIDIA L40S"
-    keys = [k for k in DEVICES if re.search(rf"(?<![A-Za-z0-9]){re.escape(k.split('-')[0])}(?![A-Za-z0-9])", name)]
+    keys = [k for k in DEVICES if k != "CPU"
+            and re.search(rf"(?<![A-Za-z0-9]){re.escape(k.split('-')[0])}(?![A-Za-z0-9])", name)]
     if not keys:
         return None, None
     total = torch.cuda.get_device_properties(device).total_memory
@@ -206,8 +244,7 @@ def plan(model_config, tokens_per_step, steps=None, total_tokens=None, tokens_pe
          dtype_bytes=2):
     """A dict of the run's figures. Give steps or total_tokens, and tokens_per_sec (per
     device) or mfu (0-1; the throughput then follows from the device's peak)."""
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; one of: {', '.join(DEVICES)}")
+    spec = device_entry(device)
     if (steps is None) == (total_tokens is None):
         raise ValueError("give exactly one of steps and total_tokens")
     if tokens_per_sec is not None and mfu is not None:
@@ -216,7 +253,7 @@ def plan(model_config, tokens_per_step, steps=None, total_tokens=None, tokens_pe
     steps = steps if steps is not None else -(-int(total_tokens) // int(tokens_per_step))  # ceil
     total_tokens = steps * tokens_per_step
     fpt = flops_per_token(model_config, T)
-    peak = DEVICES[device]["peak_flops"]
+    peak = spec["peak_flops"]
     if mfu is not None:
         tokens_per_sec = mfu * peak / fpt
     elif tokens_per_sec is not None:
@@ -230,7 +267,7 @@ def plan(model_config, tokens_per_step, steps=None, total_tokens=None, tokens_pe
         "grad_accum": tokens_per_step / (micro_batch * T * n_devices),
         "flops_per_token": fpt, "total_flops": total_tokens * fpt,
         "hardware_flops_per_token": fpt * 4 / 3 if grad_checkpoint else fpt,  # + one more forward (2N of 6N)
-        "memory": mem, "device_memory": DEVICES[device]["memory"], "fits": mem["total"] <= DEVICES[device]["memory"],
+        "memory": mem, "device_memory": spec["memory"], "fits": mem["total"] <= spec["memory"],
         "tokens_per_sec_per_device": tokens_per_sec, "mfu": mfu,
     }
     if tokens_per_sec:
@@ -257,8 +294,10 @@ def format_plan(p):
         + ("" if p["fits"] else "  -> DOES NOT FIT"),
     ]
     if p.get("gpu_hours") is not None:
+        digits = 2 if p["device"] == "CPU" else 0  # a CPU's peak is a few hundredths of a TFLOP/s
         lines.append(f"throughput   {p['tokens_per_sec_per_device']:,.0f} tokens/s per {p['device']} = "
-                     f"{100 * p['mfu']:.1f}% MFU (peak {DEVICES[p['device']]['peak_flops'] / 1e12:.0f} TFLOP/s bf16)")
+                     f"{100 * p['mfu']:.1f}% MFU (peak {DEVICES[p['device']]['peak_flops'] / 1e12:.{digits}f} "
+                     f"TFLOP/s {'fp32, measured now' if p['device'] == 'CPU' else 'bf16'})")
         lines.append(f"time         {p['gpu_hours']:,.0f} {p['device']}-hours = {p['wall_hours']:,.1f} h "
                      f"({p['wall_hours'] / 24:,.2f} days) on {p['n_devices']} devices")
         if p["grad_checkpoint"]:

@@ -12,6 +12,7 @@ sample.py and the experiments all go through here.
 import os
 import shutil
 import sys
+import textwrap
 
 import safetensors.torch
 import torch
@@ -41,6 +42,32 @@ def resolve_device(name):
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r} is not supported here; use auto, cpu or cuda")
     return device
+
+
+def choose_threads(device, quiet=False):
+    """Threads for a CPU run, chosen at start and printed. PyTorch's default, one thread per
+    core, is fastest on an idle machine; when other processes keep the cores busy, threads
+    that meet at a barrier after every product wait for each other and spin, and a step
+    takes several times longer (experiments/threads.py measures it). So: the cores the
+    1-minute load average leaves free, shared among the processes of a torchrun on this
+    machine, at least 1. OMP_NUM_THREADS, when set, decides instead. Prints the choice
+    (unless quiet: sample.py keeps its output for the text) and returns it."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        n = torch.get_num_threads()
+        if not quiet:
+            print(f"threads: {n} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    n = max(1, min(cores, round((cores - load) / local_world)))
+    torch.set_num_threads(n)
+    if not quiet:
+        print(f"threads: {n} of {cores} cores (load average {load:.1f} at start; on cores other work keeps busy, "
+              f"extra threads wait for each other; OMP_NUM_THREADS=N chooses)")
+    return n
 
 
 def exit_with_error(e):
@@ -245,16 +272,20 @@ def copy_tokenizer(data_dir, out_dir):
             atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
 
 
-def plot_losses(history, path):
+def plot_losses(history, path, title):
+    """loss.png: the loss of each optimizer step at the iteration the log line gives it
+    (step N's loss, on its batch before its update, is printed as `iter N`), and each
+    evaluation at the number of steps done when it ran (0: the initial weights)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["iter"], history["train_loss"], lw=1, label="train (per step)")
+    ax.plot([i + 1 for i in history["iter"]], history["train_loss"], lw=1, label="train (each step's batch)")
     if history["eval_iter"]:
-        ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val")
-    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats/token)")
+        ax.plot(history["eval_iter"], history["val_loss"], "o-", label="val (evaluation)")
+    ax.set(xlabel="iteration (optimizer steps)", ylabel="cross-entropy loss (nats/token)")
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)  # a long out_dir wraps, not cut off
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

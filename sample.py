@@ -28,9 +28,10 @@ from data.tasks import BOT, EOT, USER
 from checkpoint import load_checkpoint
 from cli import Number, Parser
 from data.scenes import read_image
+from data.tokenizer import readable
 from decode import for_decoding
 from model import check_sampling_args, sample_next
-from runs import exit_with_error, load_adapter, load_run, resolve_device
+from runs import choose_threads, exit_with_error, load_adapter, load_run, resolve_device
 
 
 class HFTokenizer:
@@ -113,7 +114,7 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
     tokens, several times faster for small models)."""
     x = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
     ids = list(prompt_ids)
-    printed = tokenizer.decode(ids)
+    printed = readable(tokenizer.decode(ids))
     out.write(printed)
     sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if fits_graph_step(model, prompt_ids, args.max_new_tokens):
@@ -124,7 +125,7 @@ def stream(model, tokenizer, prompt_ids, args, generator, out=sys.stdout):
                                        n_vocab=tokenizer.n_vocab)
     for next_id in tokens:
         ids.append(int(next_id[0]))
-        text = tokenizer.decode(ids)
+        text = readable(tokenizer.decode(ids))  # <|endoftext|> as a separator line
         if not text.endswith("\ufffd"):  # a byte-level token may end inside a UTF-8 character
             out.write(text[len(printed):])
             out.flush()
@@ -247,6 +248,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         device = resolve_device(args.device)
+        choose_threads(device, quiet=True)  # as train.py does, silently: the output is the text
         if args.image:
             return sample_image(args, device)
         model, tokenizer = load_model(args.out_dir, args.hf_dir, device, args.adapter, args.quantize)

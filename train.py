@@ -1,7 +1,7 @@
 """Pretrain or fine-tune the decoder.
 
-    python train.py --config first                       # ~3 minutes on a laptop CPU, then a sample
-    python train.py --config demo                        # a 12.6M-parameter GQA model on this CPU
+    python train.py --config first                       # a small character model, then a sample
+    python train.py --config demo                        # a GQA model with a BPE tokenizer, on a CPU
     python train.py --config tinyllama_1b                # TinyLlama's recipe (GPUs)
     python train.py --config demo --n_layer 4 --learning_rate 3e-4 --compile --out_dir out/demo4
     python train.py --out_dir out/demo --resume          # continue exactly where it stopped
@@ -41,14 +41,14 @@ from cli import Number, Parser, field_comments
 from checkpoint import load_checkpoint, lock_out_dir, save_checkpoint, tokenizer_fingerprint, unlock_out_dir
 from data.dataset import Mixture, open_dataset, parse_mixture
 from data.prepare import dataset_dir, prepare
-from data.tokenizer import load_tokenizer
+from data.tokenizer import load_tokenizer, readable
 from model import RANGES as MODEL_RANGES, ModelConfig, count_params, flops_per_token
 from peft import PagedAdamW, parse_targets
 from distributed import (compiles, gather, grad_sync, load_state_dicts, setup_distributed, split_grad_accum,
                          state_dicts, wrap_model)
-from plan import check_epochs, check_fits, format_plan, peak_flops, plan, print_memory_estimate
-from runs import (build_model, check_finite, check_out_dir, check_run_kind, copy_tokenizer, exit_with_error,
-                  free_out_dir, plot_losses, save_adapter)
+from plan import check_epochs, check_fits, device_spec, format_plan, peak_flops, plan, print_memory_estimate
+from runs import (build_model, check_finite, check_out_dir, check_run_kind, choose_threads, copy_tokenizer,
+                  exit_with_error, free_out_dir, plot_losses, resolve_device, save_adapter)
 
 
 # ----------------------------------------------------------------------------- config
@@ -97,7 +97,7 @@ class TrainConfig:
 
 CONFIGS = {
     "debug": TrainConfig(),
-    # the first command of the README: a 0.8M-parameter character model, ~2 minutes on 2 CPU cores
+    # the first command of the README: a character model (model.PRESETS["first"]), then a sample
     "first": TrainConfig(model="first", out_dir="out/first", batch_size=16, max_iters=600, learning_rate=3e-3,
                          min_lr=3e-4, warmup_iters=30, eval_interval=200, eval_iters=10, sample_tokens=300),
     "demo": TrainConfig(model="demo", dataset="pydoc_bpe", out_dir="out/demo", batch_size=8, max_iters=600,
@@ -201,7 +201,7 @@ def argument_parser():
                    help="measured throughput per device (default: from --plan_mfu)")
     g.add_argument("--plan_mfu", type=Number(float, 0, 1, low_open=True),
                    help="or a model FLOPs utilization, 1 = the device's peak (default: plan.py's guess)")
-    g.add_argument("--plan_device", default="A100-40G", help="one of plan.DEVICES")
+    g.add_argument("--plan_device", default="auto", help="one of plan.DEVICES, or auto: this machine's GPU, else CPU")
     g.add_argument("--plan_devices", type=Number(int, 1), default=1, help="number of devices")
     presets = {c: ModelConfig.from_name(CONFIGS[c].model) for c in CONFIGS}
     for group, cls, ranges, defaults in (("training", TrainConfig, RANGES, CONFIGS),
@@ -356,6 +356,10 @@ def setup(cfg, model_args, explicit):
                              **{k: getattr(cfg, k) for k in explicit}, "resume": True})
         check_train_config(cfg)
     r.cfg = cfg
+    r.dtype = {"auto": torch.bfloat16 if r.device.type == "cuda" else torch.float32,
+               "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if r.ckpt is None and not cfg.init_from:  # a new model: its shapes alone say whether a step fits, before
+        check_fits(cfg, ModelConfig.from_name(cfg.model, **model_args), r.device, r.dtype, r.world)  # data or weights
     r.local_accum = split_grad_accum(cfg, r.world, r.master)
     if r.master:
         lock_out_dir(cfg.out_dir)  # before anything reads or writes the out_dir's files
@@ -370,9 +374,7 @@ def setup(cfg, model_args, explicit):
     r.raw = model.to(r.device)
     r.raw.grad_checkpoint = cfg.grad_checkpoint
     r.config = r.raw.config
-    r.dtype = {"auto": torch.bfloat16 if r.device.type == "cuda" else torch.float32,
-               "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    check_fits(cfg, r.config, r.device, r.dtype, r.world)
+    check_fits(cfg, r.config, r.device, r.dtype, r.world)  # as built: a checkpoint's shapes, the tokenizer's vocabulary
     if r.master:
         check_out_dir(cfg.out_dir, 3 * 4 * count_params(r.config))  # fp32 weights + two AdamW moments
         check_epochs(cfg, r.config, r.meta)
@@ -461,6 +463,7 @@ def train(cfg, model_args=None, explicit=()):
 def loop(r):
     """The training loop: evaluate and save every eval_interval steps, stop on a signal."""
     cfg, block_size = r.cfg, r.config.block_size
+    started = time.perf_counter()
     r.tokens_per_iter = cfg.grad_accum * cfg.batch_size * block_size
     flops_per_iter = flops_per_token(r.config, block_size) * r.tokens_per_iter
     r.peak, r.peak_remeasured = peak_flops(r.device, r.dtype), False
@@ -468,8 +471,16 @@ def loop(r):
         print_header(r)
     start_iter, resumed_seconds, step_times = r.iter_num, r.history.get("step_seconds", 0.0), []
     stop = []  # the signal that asked to stop: SIGINT (Ctrl-C) or SIGTERM (a scheduler)
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT,
-                                                                                          signal.SIGTERM)}
+
+    def on_signal(signum, frame):
+        """Note the signal (the loop stops at the next step's boundary) and say at once what
+        happens until then: the evaluation and the save can take a while on a busy CPU."""
+        if not stop and r.master:
+            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing the step in progress, then "
+                     f"evaluating ({cfg.eval_iters} batches per split) and saving {r.ckpt_path} before stopping\n"
+                     .encode())
+        stop.append(signum)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             at_end = r.iter_num >= cfg.max_iters
@@ -482,7 +493,8 @@ def loop(r):
                 if r.master:
                     print(f"eval {r.iter_num}: train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
                           f"saved {r.ckpt_path}", flush=True)
-                    plot_losses(r.history, os.path.join(cfg.out_dir, "loss.png"))
+                    plot_losses(r.history, os.path.join(cfg.out_dir, "loss.png"),
+                                f"train.py --out_dir {cfg.out_dir}: model {cfg.model}, dataset {cfg.dataset}")
             if stop:
                 raise Interrupted(stop[0], r)
             if at_end:
@@ -500,6 +512,9 @@ def loop(r):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    if r.master:
+        print(f"done: {r.iter_num - start_iter} iterations in {format_time(time.perf_counter() - started)} "
+              f"({format_time(sum(step_times))} of optimizer steps, the rest evaluations and checkpoints)", flush=True)
     if r.master and cfg.sample_tokens:
         print_sample(r)
     return r.history
@@ -569,11 +584,14 @@ def print_sample(r):
         out = r.raw.generate(prompt, r.cfg.sample_tokens, temperature=0.8, top_k=50, n_vocab=tokenizer.n_vocab,
                              generator=torch.Generator(r.device).manual_seed(r.cfg.seed))
     print(f"--- a sample of {r.cfg.sample_tokens} tokens (python sample.py --out_dir {r.cfg.out_dir} for more):")
-    print(tokenizer.decode(out[0, 1:].tolist()))
+    print(readable(tokenizer.decode(out[0, 1:].tolist())))  # <|endoftext|> as a separator line
 
 
 def print_plan(cfg, model_args, args):
     config = ModelConfig.from_name(cfg.model, **model_args)
+    if args.plan_device == "auto":  # the GPU this run would use when the table knows it, else this CPU
+        device = resolve_device(cfg.device)
+        args.plan_device = (device_spec(device)[0] if device.type == "cuda" else None) or "CPU"
     p = plan(config, tokens_per_step=cfg.grad_accum * cfg.batch_size * config.block_size,
              steps=None if args.plan_tokens else cfg.max_iters, total_tokens=args.plan_tokens,
              tokens_per_sec=args.plan_tokens_per_sec, mfu=args.plan_mfu, device=args.plan_device,
@@ -599,6 +617,7 @@ def main(argv=None):
                                   bf16=cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()),
                                   grad_checkpoint=cfg.grad_checkpoint)
             return
+        choose_threads(resolve_device(cfg.device))
         train(cfg, model_args, explicit)
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

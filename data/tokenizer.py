@@ -22,6 +22,12 @@ import regex  # a dependency of tiktoken; supports \p{L} like GPT-2's pattern ne
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
+EOT_SHOWN = "\n\n---------------- end of text: a new document begins ----------------\n\n"
+
+
+def readable(text):
+    """Generated text for a reader: each end-of-text token as a visible separator line."""
+    return text.replace(EOT, EOT_SHOWN)
 
 
 # ----------------------------------------------------------------------------- char

@@ -13,7 +13,7 @@ model (ternary weights), and the loss curves are compared.
 Then the memory note: fake-quantized training keeps fp32 latent weights, their
 gradients and AdamW's two moments (16 bytes per parameter, as the fp model); the saving
 exists only when the ternary weights are packed for inference: 2 bits per weight.
-Writes experiments/out/bitnet_lr.{png,json}.
+Writes experiments/out/bitnet_lr.{png,json} (bitnet_lr_quick.* with --quick).
 """
 
 import argparse
@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import write_json  # noqa: E402
-from common import OUT, save_figure  # noqa: E402
+from common import OUT, quick_ending, save_figure  # noqa: E402
 import quant  # noqa: E402
 from runs import load_run  # noqa: E402
 from train import TrainConfig, load_dataset, train  # noqa: E402
@@ -72,7 +72,7 @@ def smooth(xs, k=10):
     return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot(results, lrs, path):
+def plot(results, lrs, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -88,8 +88,8 @@ def plot(results, lrs, path):
             label = variant + (" (diverged)" if r["diverged"] else "")
             ax.plot(smooth(r["train_loss"]), color=f"C{i}", lw=1.2, label=label)
         ax.set_title(f"peak lr {lr:g}")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("train loss (10-step mean)")
+        ax.set_xlabel("iteration (optimizer steps)")
+        ax.set_ylabel("train loss, 10-step mean (nats/token)")
         ax.set_ylim(1.0, 5.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -100,12 +100,13 @@ def plot(results, lrs, path):
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], minor=False)
     ax.set_xticks([], minor=True)
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation loss")
+    ax.set_ylabel("final validation loss (nats/token)")
     ax.set_title("final validation loss vs learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")
+    fig.suptitle(title)
     save_figure(fig, path, dpi=100)
 
 
@@ -117,7 +118,8 @@ def main():
     args = p.parse_args()
     setup = QUICK if args.quick else FULL
     meta = load_dataset(args.dataset)
-    runs_dir = os.path.join(args.out, "bitnet_lr_runs")
+    name = "bitnet_lr" + ("_quick" if args.quick else "")  # a quick run never overwrites the full one
+    runs_dir = os.path.join(args.out, name + "_runs")
     results = {v: {} for v in VARIANTS}
     for variant in VARIANTS:
         for lr in setup["lrs"]:
@@ -134,11 +136,15 @@ def main():
           f"packed 2-bit {totals['packed']:,} B ({totals['bits_per_param']:.3f} bits/param); "
           f"training holds {totals['training_bytes_per_param']} B/param either way")
 
-    plot(results, setup["lrs"], os.path.join(args.out, "bitnet_lr.png"))
-    path = os.path.join(args.out, "bitnet_lr.json")
+    plot(results, setup["lrs"], os.path.join(args.out, name + ".png"),
+         f"bitnet_lr.py{' --quick' if args.quick else ''}: fp32 / BitNet / b1.58, debug model (2 x 64), "
+         f"{setup['iters']} steps per rate")
+    path = os.path.join(args.out, name + ".json")
     write_json(dict(quick=args.quick, setup=setup, results=results, packing=dict(lr=best, rows=rows, totals=totals)),
                path)
-    print(f"wrote {path} and bitnet_lr.png")
+    print(f"wrote {path} and {name}.png")
+    if args.quick:
+        print(quick_ending())
 
 
 if __name__ == "__main__":

@@ -67,9 +67,21 @@ def same_settings(ckpt, cfg, model_args):
 def write(name, quick, results, fig):
     """experiments/out/<name>.json and .png (<name>_quick.* for the smoke test)."""
     stem = os.path.join(OUT, name + ("_quick" if quick else ""))
+    if not fig.get_suptitle():  # every figure names the run that made it
+        fig.suptitle(" ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:]))
     write_json(results, stem + ".json")
     save_figure(fig, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png")
+    if quick:
+        print(quick_ending())
+
+
+def quick_ending():
+    """The last line of a --quick run: what its numbers mean, and the command of the real run."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    command = " ".join(["python", script] + [a for a in sys.argv[1:] if a != "--quick"])
+    return ("--quick: tiny models, a few steps: this checks that the code runs, its numbers are not results "
+            f"(accuracies at or near 0, losses near log(vocabulary), toy speeds); the real run: {command}")
 
 
 def save_figure(fig, path, dpi=110):

@@ -166,7 +166,7 @@ def plot(results):
                   for k in ks]
         ax2.plot(ks, [1 / p for p in passes], "o-", color=colors[name], label=name)
     ax1.set_xticks(range(len(names)), names)
-    ax1.set_ylabel("alpha: draft argmax = target's")
+    ax1.set_ylabel("alpha: fraction where draft argmax = target's")
     ax1.set_title("agreement on held-out prompts (min-max over seeds)")
     ax2.set_xlabel("k (tokens drafted per target pass)")
     ax2.set_ylabel("new tokens per target pass")

@@ -232,6 +232,7 @@ def plot(rows, base_val, memory, path):
     bx.set_ylabel("GiB (weights, gradients, AdamW state; no activations)")
     bx.set_title("TinyLlama-1.1B fine-tuning memory, from shapes", fontsize=10)
     bx.legend(fontsize=8)
+    fig.suptitle(f"python experiments/finetune.py{' --quick' if path.endswith('_quick.png') else ''}")
     save_figure(fig, path)
 
 

@@ -90,7 +90,7 @@ def main():
     ax1.axhline(results["mha"]["val_loss"], color="gray", label="MHA (the starting point)")
     ax1.set_xscale("log", base=2)
     ax1.minorticks_off()
-    ax1.set(xlabel="n_kv_head", ylabel="validation loss",
+    ax1.set(xlabel="n_kv_head", ylabel="validation loss (nats/token)",
             title=f"MHA -> GQA: pool heads, uptrain {args.uptrain_frac:.0%}")
     ax1.set_xticks([r["n_kv_head"] for r in results["decode"]], [str(r["n_kv_head"]) for r in results["decode"]])
     ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -47,7 +47,8 @@ def main():
     fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(10, 4))
     for name in ("serial", "parallel"):
         ax1.plot(results[name]["history"]["eval_iter"], results[name]["history"]["val_loss"], "o-", label=name)
-    ax1.set(xlabel="iteration", ylabel="validation loss", title="serial vs parallel block")
+    ax1.set(xlabel="iteration (optimizer steps)", ylabel="validation loss (nats/token)",
+            title="serial vs parallel block")
     ax1.legend()
     ax2.bar(["serial", "parallel"], [results[n]["tok_s"] for n in ("serial", "parallel")], color=["C0", "C1"])
     ax2.set(ylabel="training tokens/s (this CPU)", title=f"speed: parallel = {results['speedup']:.2f}x serial")

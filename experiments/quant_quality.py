@@ -10,7 +10,7 @@ fp32, int8 (per-row absmax; also W8A8), NF4, NF4 + double quantization, plain in
 blocksize 64. Also: the distribution of the quantization error per format on N(0, 1)
 weights and on the trained weights, and the NF4-vs-int4 error ratio (QLoRA section 3:
 NF4 is information-theoretically optimal for normal weights).
-Writes experiments/out/quant_quality.{png,json}.
+Writes experiments/out/quant_quality.{png,json} (quant_quality_quick.* with --quick).
 """
 
 import argparse
@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import load_checkpoint, write_json  # noqa: E402
-from common import OUT, save_figure  # noqa: E402
+from common import OUT, quick_ending, save_figure  # noqa: E402
 import quant  # noqa: E402
 from runs import load_run  # noqa: E402
 from data.dataset import Mixture  # noqa: E402
@@ -96,34 +96,35 @@ def error_stats(w, formats):
     return errors, stats
 
 
-def plot(errors_normal, errors_trained, table, path):
+def plot(errors_normal, errors_trained, table, path, title, normal_shape):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, errors, title in ((axes[0], errors_normal, "N(0, 1) weights (1024 x 1024)"),
+    for ax, errors, name in ((axes[0], errors_normal, f"N(0, 1) weights ({normal_shape[0]} x {normal_shape[1]})"),
                               (axes[1], errors_trained, "trained model's block weights")):
         lim = max(e.abs().max().item() for fmt, e in errors.items() if fmt != "int8")
         for fmt, e in errors.items():
             ax.hist(e.numpy(), bins=200, range=(-lim, lim), histtype="step", lw=1.2,
                     label=f"{fmt}: mean |err| {e.abs().mean():.2e}")
         ax.set_yscale("log")
-        ax.set_xlabel("quantization error (w_hat - w)")
-        ax.set_ylabel("count")
-        ax.set_title(title)
+        ax.set_xlabel("quantization error w_hat - w (weight units)")
+        ax.set_ylabel("count of weights (log scale)")
+        ax.set_title(name)
         ax.legend(fontsize=7, loc="upper left")
+    # what each format costs: the validation loss it adds to fp32's, from 0 (a bar's height is the cost)
     names = list(table)
-    ppl = [table[n]["ppl"] for n in names]
-    bars = axes[2].bar(names, ppl, color=["gray"] + ["C0"] * (len(names) - 1))
-    for b, n in zip(bars, names):
-        axes[2].text(b.get_x() + b.get_width() / 2, b.get_height(), f"{table[n]['val_loss']:.4f}", ha="center",
-                     va="bottom", fontsize=8)
-    lo, hi = min(ppl), max(ppl)
-    axes[2].set_ylim(lo - (hi - lo) * 0.5 - 1e-3, hi + (hi - lo) * 0.3 + 1e-3)
-    axes[2].set_ylabel("validation perplexity (labels: val loss)")
-    axes[2].set_title("trained model, blocks' linears quantized")
+    added = [table[n]["val_loss"] - table["fp32"]["val_loss"] for n in names]
+    bars = axes[2].bar(names, added, color=["gray"] + ["C0"] * (len(names) - 1))
+    axes[2].bar_label(bars, labels=[f"{a:+.1e}" for a in added], fontsize=8)
+    axes[2].axhline(0, color="black", lw=0.8)
+    span = max(abs(a) for a in added) or 1e-6
+    axes[2].set_ylim(min(0, *added) - 0.15 * span, max(0, *added) + 0.15 * span)  # 0 always in view
+    axes[2].set_ylabel("validation loss - fp32's (nats/token)")
+    axes[2].set_title(f"added loss, blocks' linears quantized (fp32: {table['fp32']['val_loss']:.4f})")
     axes[2].tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 
@@ -170,12 +171,18 @@ def main():
     print(f"int4 / nf4 error: N(0,1) mae {ratio['normal']['mae']:.3f} rmse {ratio['normal']['rmse']:.3f} | "
           f"trained mae {ratio['trained']['mae']:.3f} rmse {ratio['trained']['rmse']:.3f}")
 
-    plot(errors_normal, errors_trained, table, os.path.join(args.out, "quant_quality.png"))
+    name = "quant_quality" + ("_quick" if args.quick else "")  # a quick run never overwrites the full one
+    c = model.config
+    plot(errors_normal, errors_trained, table, os.path.join(args.out, name + ".png"),
+         f"quant_quality.py{' --quick' if args.quick else ''}: {c.n_layer} x {c.n_embd} char model, "
+         f"{setup['train']['max_iters']} steps, stored in each format", tuple(normal.shape))
     result = dict(quick=args.quick, model=model.config.to_dict(), train=setup["train"], table=table,
                   error_normal=stats_normal, error_trained=stats_trained, int4_over_nf4=ratio)
-    path = os.path.join(args.out, "quant_quality.json")
+    path = os.path.join(args.out, name + ".json")
     write_json(result, path)
-    print(f"wrote {path} and quant_quality.png")
+    print(f"wrote {path} and {name}.png")
+    if args.quick:
+        print(quick_ending())
 
 
 if __name__ == "__main__":

@@ -40,13 +40,14 @@ def main():
     pyplot = plt()
     fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(10, 4.2))
     shown = min(T, 64)
-    ax1.imshow(mask[:shown, :shown].numpy(), cmap="Blues")
+    im = ax1.imshow(mask[:shown, :shown].float().numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax1, ticks=[0, 1], label="1: query i reads key j, 0: masked")
     ax1.set(xlabel="key position j", ylabel="query position i",
             title=f"strided + local mask (local {band}, stride {band}), first {shown} positions")
     for name in ("dense", "sparse"):
         ax2.plot(results[name]["history"]["eval_iter"], results[name]["history"]["val_loss"], "o-",
                  label=f"{name}: {results[name]['val_loss']:.3f}")
-    ax2.set(xlabel="iteration", ylabel="validation loss",
+    ax2.set(xlabel="iteration (optimizer steps)", ylabel="validation loss (nats/token)",
             title=f"sparse reads {100 * density:.0f}% of the causal entries")
     ax2.legend()
     write("sparse_attention", args.quick, results, fig)

@@ -25,15 +25,24 @@ from runs import load_run  # noqa: E402
 
 
 def trained_model(quick):
+    """(model, tokenizer, the name of its run)."""
     s = sizes(quick)
     out_dir = os.path.join(OUT, "gqa_uptrain", "mha")
+    name = "gqa_uptrain.py's MHA model"
     if quick or not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         out_dir = os.path.join(OUT, "visualize" + ("_quick" if quick else ""), "base")
+        name = "its own model"
         run(out_dir, s)
     model, tokenizer, _ = load_run(out_dir)
     for layer in model.layers:  # the explicit softmax path, which can keep its attention weights
         layer.attention.attn_impl = "math"
-    return model, tokenizer
+    c = model.config
+    return model, tokenizer, f"{name}, {c.n_layer} x {c.n_embd}, {s['iters']} steps on characters"
+
+
+def shown(character):
+    """A character as a tick label: space and newline made visible."""
+    return {" ": "\u2423", "\n": "\\n", "\t": "\\t"}.get(character, character)
 
 
 def main():
@@ -41,7 +50,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--prompt", default="def read(self, size=-1):\n    return self.buffer.read(size)")
     args = p.parse_args()
-    model, tok = trained_model(args.quick)
+    model, tok, run_name = trained_model(args.quick)
     ids = tok.encode(args.prompt)[:model.config.block_size]
     for layer in model.layers:
         layer.attention.save_weights = True
@@ -55,15 +64,18 @@ def main():
 
     pyplot = plt()
     n = len(maps)
-    fig, axes = pyplot.subplots(2, max(n, 2), figsize=(3.2 * max(n, 2), 6.4))
-    labels = [repr(tok.decode([i]))[1:-1] for i in ids]
+    cols = max(n, 4)
+    fig, axes = pyplot.subplots(2, cols, figsize=(4.8 * cols, 9.6), gridspec_kw={"height_ratios": [1.35, 1]})
+    labels = [shown(tok.decode([i])) for i in ids]
+    step = 1 if T <= 64 else -(-T // 64)  # every character up to 64 of them
     for k, (w, h) in enumerate(zip(maps, picks)):
         ax = axes[0, k]
-        ax.imshow(w[h].numpy(), cmap="viridis")
-        ax.set_title(f"layer {k}, head {h}", fontsize=9)
-        step = max(T // 16, 1)
-        ax.set_xticks(range(0, T, step), labels[::step], fontsize=6, rotation=90)
-        ax.set_yticks(range(0, T, step), labels[::step], fontsize=6)
+        im = ax.imshow(w[h].numpy(), cmap="viridis", vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention weight (each row sums to 1)")
+        ax.set_title(f"layer {k}, head {h} (of {model.config.n_head})", fontsize=9)
+        ax.set_xticks(range(0, T, step), labels[::step], fontsize=5, rotation=90)
+        ax.set_yticks(range(0, T, step), labels[::step], fontsize=5)
+        ax.set(xlabel="key: the character attended to", ylabel="query: the character attending")
     for ax in axes[0, n:]:
         ax.axis("off")
     c = model.config
@@ -71,8 +83,9 @@ def main():
     inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
     axes[1, 0].semilogy(inv_freq.numpy(), "o-")
     axes[1, 0].set(xlabel="pair i", ylabel="theta_i (radians per position)", title=f"RoPE, theta={c.rope_theta:g}")
-    axes[1, 1].imshow(cos[:, :c.head_dim // 2].T.numpy(), aspect="auto", cmap="RdBu")
-    axes[1, 1].set(xlabel="position m", ylabel="pair i", title="cos(m theta_i)")
+    im = axes[1, 1].imshow(cos[:, :c.head_dim // 2].T.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+    fig.colorbar(im, ax=axes[1, 1], label="cos(m theta_i)")
+    axes[1, 1].set(xlabel="position m (tokens)", ylabel="pair i", title="RoPE: cos(m theta_i)")
     schedules = {}
     for k, name in enumerate(["demo", "tinyllama_1b"]):
         if 2 + k >= axes.shape[1]:
@@ -83,9 +96,12 @@ def main():
         schedules[name] = {"warmup_iters": cfg.warmup_iters, "max_iters": cfg.max_iters,
                            "learning_rate": cfg.learning_rate, "min_lr": cfg.min_lr}
         axes[1, 2 + k].plot(steps, lrs)
-        axes[1, 2 + k].set(xlabel="iteration", ylabel="learning rate", title=f"get_lr, preset {name}")
+        axes[1, 2 + k].set(xlabel="iteration (optimizer steps)", ylabel="learning rate",
+                           title=f"train.get_lr, config {name}")
         axes[1, 2 + k].ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
-    results = {"prompt": args.prompt, "heads_shown": picks, "rope_theta": c.rope_theta,
+    fig.suptitle(f"visualize.py{' --quick' if args.quick else ''}: {run_name}; the head of each layer that "
+                 f"looks furthest back, on the prompt {args.prompt[:40]!r}...")
+    results = {"model": run_name, "prompt": args.prompt, "heads_shown": picks, "rope_theta": c.rope_theta,
                "rope_inv_freq": inv_freq.tolist(), "schedules": schedules,
                "mean_attention_distance": [float((w * distance.clamp(min=0)).sum((-1, -2)).mean() / T) for w in maps]}
     write("visualize", args.quick, results, fig)

@@ -11,6 +11,30 @@ SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 from model import ModelConfig  # noqa: E402
 
 
+# ----------------------------------------------------------------------------- the slow set
+# `python -m pytest -q tests` is the fast set, minutes on a laptop; tests marked
+# @pytest.mark.slow (every documented command, the experiments, long training runs) are
+# left out of it and run with `python -m pytest -q -m slow tests`. Any -m expression
+# chooses for itself (-m "slow or not slow": everything). .ci/run runs both sets.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slow set (documented commands, experiments, long runs); "
+                                       "python -m pytest -m slow tests runs it")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.option.markexpr:  # -m given: it selects
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    if not config.option.markexpr:
+        return "the fast set: tests marked slow are deselected (python -m pytest -q -m slow tests runs them)"
+
+
 def tiny_config(**kw):
     """A model small enough that every test runs in milliseconds."""
     args = dict(vocab_size=97, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2)

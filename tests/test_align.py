@@ -278,10 +278,7 @@ def test_reward_model_from_another_tokenizer_is_one_error_line(base, tmp_path, c
 
 
 # ----------------------------------------------------------------------------- the experiment (slow set)
-slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow set: RUN_SLOW=1 runs it")
-
-
-@slow
+@pytest.mark.slow  # the slow set (conftest.py)
 def test_experiment_quick_shows_each_effect(tmp_path):
     """experiments/align.py --quick guards the claims, not only the code path: the RM ranks
     held-out comparisons well above chance, and better with its LM term than with the head
@@ -304,7 +301,7 @@ def test_experiment_quick_shows_each_effect(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-@slow
+@pytest.mark.slow
 def test_reward_model_at_the_documented_size_reaches_its_floor(tmp_path, monkeypatch):
     """The regression guard's slow half: base -> SFT -> RM at align.PIPELINE's settings. The RM's
     held-out accuracy drifted to chance once (a change in train.py's batches moved a noise-level

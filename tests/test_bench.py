@@ -25,6 +25,7 @@ def test_memory_estimate_parts():
     assert est["full"]["total"] == sum(v for k, v in est["full"].items() if k != "total")
 
 
+@pytest.mark.slow  # about half a minute on an idle 2-core CPU
 def test_bench_quick_runs(tmp_path):
     pytest.importorskip("transformers", reason="bench.py compares against transformers (pip install transformers)")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--out_dir", str(tmp_path)],

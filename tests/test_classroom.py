@@ -106,6 +106,7 @@ def test_sparse_model_paths_agree_and_the_cache_works():
 
 
 # ----------------------------------------------------------------------------- experiments
+@pytest.mark.slow  # 10-30 s each on an idle 2-core CPU
 @pytest.mark.parametrize("name", ["gqa_uptrain", "parallel_block", "sparse_attention", "scaling_laws", "visualize",
                                   "distill_draft"])
 def test_experiment_quick_run(name, tmp_path):

@@ -5,7 +5,8 @@ meets them, and run with NANO_QUICK=1: train.py, sample.py, bench.py and the exp
 then cap iterations, evaluation and sample lengths (see `quick_caps` in train.py), so the
 commands are exercised, not the training runs they describe. A command marked
 `# needs: internet`, `# needs: gpu` or `# needs: your files` in the document is skipped with
-that reason; experiments and other long commands run only with RUN_SLOW=1 (the slow set).
+that reason. Every documented command belongs to the slow set (`python -m pytest -m slow
+tests`, conftest.py): together they take longer than a lesson's test run.
 """
 
 import os
@@ -20,7 +21,6 @@ import pytest
 from conftest import ROOT
 
 DOCS = ["README.md", "EXERCISES.md"]
-SLOW = ("experiments/", "bench.py", "bench_decode.py", "out/al")
 
 
 def commands(doc):
@@ -81,12 +81,11 @@ def test_the_documents_have_commands():
     assert not [c for _, c, _ in ALL if "../shared" in c]  # users do not have the course's files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, command, reason", ALL, ids=[w for w, _, _ in ALL])
 def test_documented_command_runs(where, command, reason, fresh_copy, tmp_path):
     if reason:
         pytest.skip(reason)
-    if any(s in command for s in SLOW) and not os.environ.get("RUN_SLOW"):
-        pytest.skip("slow set: RUN_SLOW=1 runs it")
     results = tmp_path / "results"
     env = {**os.environ, "NANO_QUICK": "1", "EXPERIMENTS_OUT": str(results), "OMP_NUM_THREADS": "2"}
     argv = shlex.split(command)

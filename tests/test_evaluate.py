@@ -269,6 +269,7 @@ def test_unknown_characters_are_named_or_skipped_or_replaced(run_dir, tmp_path, 
     assert err.startswith(f'error: {task} line 3, "choices": character \'D\' (line 1, column 1) is not in')
 
 
+@pytest.mark.slow  # the experiment: the slow set (conftest.py)
 def test_icl_experiment_quick(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EXPERIMENTS_OUT": str(tmp_path)}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "icl.py"), "--quick"], env=env,

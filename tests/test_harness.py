@@ -226,8 +226,7 @@ def test_the_nano_model_answers_the_harness_as_its_own_hf_model_does(oracle):
 
 
 @needs_harness
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow set (a documented command, minutes on a busy "
-                                                         "CPU): RUN_SLOW=1 runs it")
+@pytest.mark.slow  # a documented command, minutes on a busy CPU (conftest.py)
 def test_the_documented_command_scores_a_train_run(tmp_path):
     """`python harness.py --model nano --model_args out_dir=RUN ...` from the repository's root,
     on a character-level train.py run: the harness's acc is evaluate.py's."""

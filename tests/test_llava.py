@@ -212,6 +212,7 @@ def test_an_image_of_another_size_is_resized_with_a_note(run_dir, tmp_path, caps
 
 
 # ----------------------------------------------------------------------------- the experiment's smoke run
+@pytest.mark.slow  # the experiment: the slow set (conftest.py)
 def test_experiment_quick_writes_its_json(tmp_path, monkeypatch):
     import json
     import runpy

@@ -87,6 +87,7 @@ def test_a_checkpoint_never_samples_with_another_runs_tokenizer(trained, tmp_pat
 
 
 # ----------------------------------------------------------------------------- 2. one run per out_dir
+@pytest.mark.slow  # two train.py processes racing, then a resume: about 15 s
 def test_two_runs_into_one_out_dir_exactly_one_proceeds(char_dataset, tmp_path):
     out = str(tmp_path / "shared")
     first = subprocess.Popen(train_cmd(char_dataset, out, "--max_iters", "100000", "--eval_interval", "100000"),
@@ -216,6 +217,7 @@ def test_sample_numbers_out_of_range(argv, message, trained, capsys):
 
 
 # ----------------------------------------------------------------------------- 6. devices
+@pytest.mark.slow  # every tool as a process, bench.py with transformers among them
 @pytest.mark.parametrize("device, message", [("tpu", "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
                                              ("cuda", "this machine has no CUDA GPU; use --device cpu")])
 def test_devices_are_one_line_in_every_tool(device, message, trained, char_dataset, tmp_path, capsys):
@@ -280,6 +282,9 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_143(char_dataset, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     saved = load_checkpoint(out)["iter_num"]
     assert saved >= 3 and f"stopped by SIGTERM at iteration {saved}: saved" in err and "--resume" in err
+    # said at once, before the evaluation and the save
+    assert err.lstrip().startswith(f"SIGTERM: finishing the step in progress, then evaluating (2 batches per split) "
+                                   f"and saving {out}/ckpt.pt before stopping")
 
 
 def test_ctrl_c_before_the_first_checkpoint_does_not_claim_one(char_dataset, monkeypatch, tmp_path, capsys):
@@ -322,6 +327,7 @@ def test_nan_in_loaded_weights_is_bad_input_not_a_divergence(trained, char_datas
     assert "holds NaN or inf values" in err and "diverged" not in err
 
 
+@pytest.mark.slow  # bench.py as a process: transformers' import alone takes seconds
 def test_bench_checks_its_out_dir_first(tmp_path):
     (tmp_path / "a_file").write_text("x")
     start = time.time()

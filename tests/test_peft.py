@@ -411,6 +411,7 @@ def test_peft_needs_init_from():
         parse_args(["--peft", "adapters", "--init_from", "x"])
 
 
+@pytest.mark.slow  # the experiment: the slow set (conftest.py)
 def test_finetune_experiment_quick(tmp_path):
     verse = tmp_path / "verse.txt"  # a stand-in for Tiny Shakespeare, which CI may not have offline
     verse.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n" * 300)

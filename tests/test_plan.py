@@ -3,7 +3,7 @@ without activation checkpointing and FSDP, and advice when a step does not fit."
 
 import pytest
 
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 from model import ModelConfig, count_params, flops_per_token
 from plan import DEVICES, activation_elements_per_token, estimate_memory, fit_advice, format_plan, plan
 
@@ -70,6 +70,36 @@ def test_a_step_that_does_not_fit_names_the_knobs():
     assert fit_advice(TINYLLAMA, 1, 2048, 80 * gib) is None
     advice = fit_advice(TINYLLAMA, 8, 2048, 24 * gib, activation_bytes=4)
     assert advice.startswith("the step needs about 78.6 GiB but the device has 24.0 GiB; what fits: ")
-    assert "--batch_size 1 --grad_checkpoint true" in advice and "--peft qlora" in advice
+    assert "--batch_size 1 --grad_accum 8 --grad_checkpoint true" in advice and "--peft qlora" in advice
+    # a smaller micro-batch keeps the recipe's tokens per step: grad_accum rises by as much
+    recipe = fit_advice(TINYLLAMA, 8, 2048, 24 * gib, activation_bytes=4, grad_accum=128)
+    assert "--batch_size 1 --grad_accum 1024 --grad_checkpoint true" in recipe
+    assert "(each keeps 2,097,152 tokens per optimizer step)" in recipe
     assert not tinyllama_plan()["fits"] and tinyllama_plan(grad_checkpoint=True)["fits"]
     assert DEVICES["A100-40G"]["memory"] == 40 * gib
+
+
+def test_tinyllama_refused_from_shapes_before_data(monkeypatch, capsys):
+    """train.py checks the fit from the preset's shapes first: here on a device of 8 GiB and a
+    dataset that does not exist, the refusal comes before the dataset is opened (or built),
+    with what fits and the time of one optimizer step at the device's peak."""
+    import plan as plan_module
+    import train
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: 8 * 2**30)
+    monkeypatch.setattr(plan_module, "peak_flops", lambda device, dtype: 100e9)
+    monkeypatch.setattr(train, "choose_threads", lambda device: 1)
+    err = one_error_line(capsys, train.main, ["--config", "tinyllama_1b", "--device", "cpu",
+                                             "--dataset", "no_such_dataset", "--out_dir", "/nonexistent/out"])
+    seconds = 1024 * 2048 * flops_per_token(TINYLLAMA, 2048) / 100e9  # 2M tokens x 7.3 GFLOP at 100 GFLOP/s
+    assert f"takes at least {seconds / 3600:,.1f} h on 1 x cpu at its measured peak of 100 GFLOP/s" in err
+    assert "the step needs about 78.6 GiB but the device has 8.0 GiB" in err and "dataset" not in err
+
+
+def test_cpu_entry_is_measured_when_first_used(monkeypatch):
+    import plan as plan_module
+    monkeypatch.setitem(DEVICES, "CPU", {"peak_flops": None, "memory": None, "memory_bandwidth": None})
+    monkeypatch.setattr(plan_module, "peak_flops", lambda device, dtype: 50e9)
+    p = plan(TINYLLAMA, tokens_per_step=2**21, steps=10, mfu=0.5, device="CPU", seq_len=2048, micro_batch=1)
+    assert DEVICES["CPU"]["peak_flops"] == 50e9 and p["device_memory"] == plan_module.device_memory(
+        __import__("torch").device("cpu"))
+    assert p["tokens_per_sec_per_device"] == pytest.approx(0.5 * 50e9 / flops_per_token(TINYLLAMA, 2048))

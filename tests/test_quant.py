@@ -109,6 +109,7 @@ def _bnb():
     return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the optional NF4 oracle")
 
 
+@pytest.mark.slow  # bitsandbytes' CPU kernels: about half a minute
 def test_nf4_equals_bitsandbytes():
     F = _bnb()
     w = torch.randn(256, 300)  # 76800 values: 1200 blocks
@@ -302,15 +303,17 @@ def test_bitlinear_model_trains_and_refuses_hf_export(tmp_path):
 
 
 # ----------------------------------------------------------------------------- experiments (CI smoke)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["quant_quality", "bitnet_lr"])
 def test_experiment_runs_quick(name, char_dataset, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"), "--quick",
                         "--dataset", char_dataset, "--out", str(tmp_path)], capture_output=True, text=True,
                        timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert (tmp_path / f"{name}_quick.png").stat().st_size > 10_000  # never the full run's files
+    assert not (tmp_path / f"{name}.png").exists() and not (tmp_path / f"{name}.json").exists()
     import json
-    result = json.loads((tmp_path / f"{name}.json").read_text())
+    result = json.loads((tmp_path / f"{name}_quick.json").read_text())
     if name == "quant_quality":
         assert set(result["table"]) == {"fp32", "int8", "int8 W8A8", "nf4", "nf4-dq", "int4", "fp4"}
         assert result["int4_over_nf4"]["normal"]["mae"] > 1.1  # NF4 beats int4 on normal weights

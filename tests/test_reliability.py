@@ -26,6 +26,7 @@ from model import ModelConfig, Transformer
 from checkpoint import load_checkpoint
 
 # ----------------------------------------------------------------------------- crash safety
+@pytest.mark.slow  # an uninterrupted run, then runs killed at random moments and resumed: a long run
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(char_dataset, tmp_path):
     """Kill training 3 times at random iterations (plus a random delay), resume each time:
     every checkpoint on disk loads, and the end result equals an uninterrupted run bit for bit."""

@@ -137,6 +137,7 @@ def one_process(char_dataset, tmp_path_factory):
     return history, final_weights(out)
 
 
+@pytest.mark.slow  # torchrun with two processes, three times
 @pytest.mark.parametrize("mode, accum", [("ddp", "2"), ("fsdp", "2"), ("ddp", "1")])
 def test_two_processes_match_one(mode, accum, char_dataset, one_process, tmp_path):
     """2 CPU processes x 1 micro-batch == 1 process x 2 micro-batches, same global batch.
