@@ -29,8 +29,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(1, ROOT)
+sys.path.insert(0, ROOT)  # the repository's modules first (experiments/align.py must not shadow align.py)
+sys.path.append(HERE)  # then the experiments' own (common.py)
 
 from checkpoint import atomic_write, read_json  # noqa: E402
 
