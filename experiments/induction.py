@@ -12,8 +12,8 @@ the induction head in layer 1 matches its query (the current token A) against th
 (K-composition). A 1-layer model cannot build it.
 
   1. The phase change. A 2-layer model and a 1-layer control, trained by train.py on text
-     the repo makes here (random letters in short spans, each written four times in a row;
-     the exercise's runs write only half of them so), measured every 50 steps: each head's prefix-matching and copying scores, the
+     the repo makes here (random letters in short spans, each written four times in a row,
+     between shots of fresh random mappings), measured every 50 steps: each head's prefix-matching and copying scores, the
      in-context-learning score (loss late in the context minus loss early in it) and the
      validation loss, on one step axis. The paper's claim: the induction heads form in a
      sharp transition, and in-context learning improves at the same moment.
@@ -21,10 +21,12 @@ the induction head in layer 1 matches its query (the current token A) against th
      loss on the second repetition of a random span goes back up towards the first's.
   3. Learning from the shots: a random key -> value mapping, fresh in every episode, given
      as K shots "kv kv kv ... q"; the model must answer q's value. Nothing in the weights
-     can hold it: only a head that copies from the shot with the same key solves it.
+     can hold it (the training text has such shots too, of other mappings): only a head
+     that copies from the shot with the same key solves it.
 
 Olsson section 3.4's two properties of an induction head, measured as TransformerLens
-does on repeated random tokens [A A]:
+does on repeated random tokens [A A] (A: 8 distinct letters; the training text repeats
+spans of 4-12, and RoPE heads trained so need not reach further back):
 
   prefix matching: the mean attention from each token of the second A to the token after
       its earlier occurrence (1 for a perfect induction head; a head that attends
@@ -65,32 +67,45 @@ from runs import load_run  # noqa: E402
 
 ALPHABET = string.ascii_letters  # 52 letters: the tokens (a char-level dataset)
 MODELS = {"L2": 2, "L1": 1}  # n_layer; the 1-layer control cannot compose two heads
-FULL = dict(n_embd=64, n_head=4, block_size=32, batch=32, iters=600, every=50, lr=3e-3, seeds=3,
-            repeat_fraction=1.0, repeats=4, span=(4, 12), corpus_chars=300_000, n_score=64, n_episodes=400,
-            shots=[0, 1, 2, 4, 8], sweep=[0.5], sweep_seeds=2, workers=2)
+FULL = dict(n_embd=64, n_head=4, block_size=32, batch=32, iters=800, every=50, lr=3e-3, min_lr=3e-3, seeds=3,
+            repeat_fraction=1.0, repeats=4, span=(4, 12), episodes=0.5, probe_len=8, corpus_chars=300_000,
+            n_score=64, n_episodes=400,
+            shots=[0, 1, 2, 4, 8], sweep=[], sweep_seeds=2, workers=2)
 QUICK = dict(FULL, every=100, seeds=1, n_episodes=200, shots=[0, 8], sweep=[])
 PHASE_THRESHOLD = 0.25  # the phase change: the first logged step where the best head's prefix matching passes this
 
 
 # ----------------------------------------------------------------------------- the data
-def corpus(n_chars, repeat_fraction, span=(4, 12), seed=0, repeats=4):
+def corpus(n_chars, repeat_fraction, span=(4, 12), seed=0, repeats=4, episodes=0.5):
     """Random letters in spans of span[0]..span[1] letters; a span is written `repeats` times
-    in a row with probability repeat_fraction, else once. The repetitions are the only thing
-    in this text worth learning: everywhere else the best guess is 1/52."""
+    in a row with probability repeat_fraction, else once. A fraction `episodes` of the parts
+    are instead 8-16 shots of a fresh random mapping (`shots`). What repeats is all there is
+    to learn: everywhere else the best guess is 1/52."""
     rng = random.Random(seed)
     parts, n = [], 0
     while n < n_chars:
-        s = "".join(rng.choices(ALPHABET, k=rng.randint(*span)))
-        parts.append(s * repeats if rng.random() < repeat_fraction else s)
+        if rng.random() < episodes:
+            parts.append(shots(rng, rng.randint(8, 16))[2])
+        else:
+            s = "".join(rng.choices(ALPHABET, k=rng.randint(*span)))
+            parts.append(s * repeats if rng.random() < repeat_fraction else s)
         n += len(parts[-1])
     return "".join(parts)
+
+
+def shots(rng, k, n_pairs=4):
+    """A fresh random mapping, n_pairs keys -> n_pairs values (distinct letters), and k shots
+    "kv" of it drawn at random: (keys, values, the shots as text)."""
+    letters = rng.sample(ALPHABET, 2 * n_pairs)
+    keys, values = letters[:n_pairs], letters[n_pairs:]
+    return keys, values, "".join(keys[i] + values[i] for i in (rng.randrange(n_pairs) for _ in range(k)))
 
 
 def make_dataset(folder, s, repeat_fraction, seed=0):
     """The corpus as a char-level dataset (train.py --dataset folder), made once."""
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
-    text = ALPHABET + corpus(s["corpus_chars"], repeat_fraction, s["span"], seed, s["repeats"])  # all 52 letters
+    text = ALPHABET + corpus(s["corpus_chars"], repeat_fraction, s["span"], seed, s["repeats"], s["episodes"])
     path = os.path.join(folder, "corpus.txt")
     atomic_write(path, lambda f: f.write(text), text=True)
     return prepare(path, "char", out=folder, verbose=False)
@@ -104,17 +119,14 @@ def repeated_tokens(tok, n, batch, seed=0):
 
 
 def mapping_episodes(tok, k, n, n_pairs=4, seed=0):
-    """n episodes of a fresh random mapping: n_pairs keys -> n_pairs values (distinct letters),
-    K shots "kv" drawn at random, then a query key. Returns the prompts (n, 2K + 1), the
-    candidate values (n, n_pairs) and the index of the right one (n,)."""
+    """n episodes of a fresh random mapping: K shots, then a query key. Returns the prompts
+    (n, 2K + 1), the candidate values (n, n_pairs) and the index of the right one (n,)."""
     rng = random.Random(seed)
     prompts, choices, gold = [], [], []
     for _ in range(n):
-        letters = rng.sample(ALPHABET, 2 * n_pairs)
-        keys, values = letters[:n_pairs], letters[n_pairs:]
-        shots = [rng.randrange(n_pairs) for _ in range(k)]
+        keys, values, text = shots(rng, k, n_pairs)
         q = rng.randrange(n_pairs)
-        prompts.append(tok.encode("".join(keys[i] + values[i] for i in shots) + keys[q]))
+        prompts.append(tok.encode(text + keys[q]))
         choices.append(tok.encode("".join(values)))
         gold.append(q)
     return torch.tensor(prompts), torch.tensor(choices), torch.tensor(gold)
@@ -210,9 +222,10 @@ def wilson(correct, n, z=1.96):
 def probes(tok, s, repeat_fraction):
     """The fixed inputs every measurement reads: [A A] sequences, held-out windows of the
     training distribution, and K = 8 mapping episodes."""
-    text = corpus(s["n_score"] * (s["block_size"] + 1) * 2, repeat_fraction, s["span"], 12345, s["repeats"])
+    text = corpus(s["n_score"] * (s["block_size"] + 1) * 2, repeat_fraction, s["span"], 12345, s["repeats"],
+                  s["episodes"])
     ids = torch.tensor(tok.encode(text))[:s["n_score"] * (s["block_size"] + 1)].view(s["n_score"], -1)
-    return {"repeated": repeated_tokens(tok, s["block_size"] // 2, s["n_score"]), "windows": ids,
+    return {"repeated": repeated_tokens(tok, s["probe_len"], s["n_score"]), "windows": ids,
             "episodes": mapping_episodes(tok, 8, s["n_episodes"], seed=1)}
 
 
@@ -255,7 +268,7 @@ def train_measured(job):
     p = probes(load_tokenizer(dataset), s, repeat_fraction)
     argv = ["--dataset", dataset, "--out_dir", out_dir, "--n_layer", str(n_layer), "--n_embd", str(s["n_embd"]),
             "--n_head", str(s["n_head"]), "--n_kv_head", str(s["n_head"]), "--block_size", str(s["block_size"]),
-            "--batch_size", str(s["batch"]), "--learning_rate", str(s["lr"]), "--min_lr", str(s["lr"] / 10),
+            "--batch_size", str(s["batch"]), "--learning_rate", str(s["lr"]), "--min_lr", str(s["min_lr"]),
             "--warmup_iters", str(s["iters"] // 20), "--lr_decay_iters", str(s["iters"]), "--eval_iters", "4",
             "--eval_interval", str(s["every"]), "--log_interval", str(s["iters"]), "--seed", str(seed)]
     trajectory = []
@@ -279,12 +292,13 @@ ABLATIONS = ("none", "induction head", "previous-token head", "another layer-1 h
 @torch.no_grad()
 def ablation(out_dir, p, s):
     """Olsson's causal argument on one trained 2-layer model: zero one head at a time and
-    measure again. The heads: the best prefix-matching head (layer 1), the best
-    previous-token head (layer 0), and the layer-1 head with the lowest prefix matching."""
+    measure again. The heads: the layer-1 head with the best prefix matching (where an
+    induction head must be), the best previous-token head of layer 0, and the layer-1 head
+    with the lowest prefix matching."""
     model, _, _ = load_run(out_dir)
     m = measure(model, p)
     pm, prev = torch.tensor(m["prefix_matching"]), torch.tensor(m["previous_token"])
-    heads = {"none": [], "induction head": [best_head(m["prefix_matching"])],
+    heads = {"none": [], "induction head": [(1, int(pm[1].argmax()))],
              "previous-token head": [(0, int(prev[0].argmax()))],
              "another layer-1 head": [(1, int(pm[1].argmin()))]}
     rows = {}
@@ -296,7 +310,7 @@ def ablation(out_dir, p, s):
 
 
 @torch.no_grad()
-def shots(out_dir, s):
+def learning_from_shots(out_dir, s):
     """Learning from the shots: correct answers out of n fresh random mappings, per K."""
     model, tok, _ = load_run(out_dir)
     return {str(k): mapping_correct(model, *mapping_episodes(tok, k, s["n_episodes"], seed=100 + k))
@@ -351,7 +365,7 @@ def tables(results):
         lines.append(f"| {name} | " + " | ".join(spread([r[name][k] for r in rows]) for k in
                                                    ("loss_first", "loss_second", "mapping_k8")) + " |")
     out["ablation"] = "\n".join(lines) + f"\n\nMean (range) over {len(rows)} seeds of the 2-layer model; " \
-        f"{s['n_score']} sequences [A A] of {s['block_size'] // 2} distinct letters; chance on the mapping " \
+        f"{s['n_score']} sequences [A A] of {s['probe_len']} distinct letters; chance on the mapping " \
         f"{results['chance']:.2f}."
     lines = ["| seed | previous-token head (layer, head): score | loss on the second A: intact / without it / "
              "without the induction head | mapping, K = 8: intact / without it / without the induction head |",
@@ -391,7 +405,9 @@ def tables(results):
 def plot(results):
     pyplot = plt()
     s = results["settings"]
-    fig, axes = pyplot.subplots(3, 2, figsize=(13, 10), sharex="col")
+    fig, axes = pyplot.subplots(3, 2, figsize=(13, 10))
+    for ax in axes[1:, 0]:  # the left column: one step axis
+        ax.sharex(axes[0, 0])
     colors = {"L2": "C0", "L1": "C3"}
     for name, n_layer in MODELS.items():
         for i, r in enumerate(runs_of(results, n_layer).values()):
@@ -424,16 +440,14 @@ def plot(results):
     axes[0, 1].set(xticks=range(len(ks)), xticklabels=ks, ylim=(0, 1), xlabel="K (shots in the prompt)",
                    ylabel="accuracy (95% interval)", title="learning from the shots: a fresh random mapping")
     axes[0, 1].legend(fontsize=7)
-    axes[0, 1].tick_params(labelbottom=True)
     rows = list(results["ablation"].values())
     for j, (key, label) in enumerate((("loss_first", "first A"), ("loss_second", "second A"))):
         means = [sum(r[a][key] for r in rows) / len(rows) for a in ABLATIONS]
         axes[1, 1].bar([i + 0.4 * j for i in range(len(ABLATIONS))], means, 0.4, label=f"loss on the {label}")
         for i, a in enumerate(ABLATIONS):
             axes[1, 1].plot([i + 0.4 * j] * len(rows), [r[a][key] for r in rows], "k.", ms=3)
-    axes[1, 1].set(xticks=[i + 0.2 for i in range(len(ABLATIONS))], xticklabels=ABLATIONS, ylim=(0, None),
-                   ylabel="loss on [A A] (nats)", title="ablation: one head's output zeroed (L2, dots: seeds)")
-    axes[1, 1].tick_params(labelbottom=True)
+    axes[1, 1].set(xticks=[i + 0.2 for i in range(len(ABLATIONS))], ylim=(0, None),
+                   xticklabels=[a.replace(" ", "\n", 1) for a in ABLATIONS], ylabel="loss on [A A] (nats)", title="ablation: one head's output zeroed (L2, dots: seeds)")
     axes[1, 1].legend(fontsize=7)
     for f, style in zip([s["repeat_fraction"], *s["sweep"]], ("-", "--", ":")):
         for i, r in enumerate(runs_of(results, 2, f).values()):
@@ -475,7 +489,7 @@ def main():
         results["runs"][run] = {"n_layer": n_layer, "seed": seed, "repeat_fraction": f, **done[run],
                                 "phase_step": phase_step(done[run]["trajectory"])}
         if f == s["repeat_fraction"]:
-            results["shots"][run] = shots(out_dir, s)
+            results["shots"][run] = learning_from_shots(out_dir, s)
             if n_layer == 2:
                 results["ablation"][run] = ablation(out_dir, probe, s)
     n = len(probe["repeated"][0]) // 2
