@@ -15,8 +15,9 @@ the induction head in layer 1 matches its query (the current token A) against th
      the repo makes here (random letters in short spans, each written four times in a row,
      between shots of fresh random mappings), measured every 50 steps: each head's
      prefix-matching and copying scores, the in-context-learning score (loss late in the
-     context minus loss early in it) and the validation loss, on one step axis. The paper's claim: the induction heads form in a
-     sharp transition, and in-context learning improves at the same moment.
+     context minus loss early in it) and the validation loss, on one step axis. The
+     paper's claim: the induction heads form in a sharp transition, and in-context
+     learning improves at the same moment.
   2. The ablation (Olsson's causal argument): zero the induction head's output, and the
      paper predicts that the loss on the second repetition of a random span goes back up
      towards the first's.
@@ -451,7 +452,8 @@ def plot(results):
         for i, a in enumerate(ABLATIONS):
             axes[1, 1].plot([i + 0.4 * j] * len(rows), [r[a][key] for r in rows], "k.", ms=3)
     axes[1, 1].set(xticks=[i + 0.2 for i in range(len(ABLATIONS))], ylim=(0, None),
-                   xticklabels=[a.replace(" ", "\n", 1) for a in ABLATIONS], ylabel="loss on [A A] (nats)", title="ablation: one head's output zeroed (L2, dots: seeds)")
+                   xticklabels=[a.replace(" ", "\n", 1) for a in ABLATIONS], ylabel="loss on [A A] (nats)",
+                   title="ablation: one head's output zeroed (L2, dots: seeds)")
     axes[1, 1].legend(fontsize=7)
     for f, style in zip([s["repeat_fraction"], *s["sweep"]], ("-", "--", ":")):
         for i, r in enumerate(runs_of(results, 2, f).values()):
@@ -478,10 +480,12 @@ def main():
     for name, n_layer in MODELS.items():
         for seed in range(s["seeds"]):
             run = name + (f"_seed{seed}" if seed else "")  # L2 and L1: seed 0, for runs.load_run and sample.py
-            jobs[run] = (os.path.join(root, run), datasets[s["repeat_fraction"]], s, n_layer, seed, s["repeat_fraction"])
+            f = s["repeat_fraction"]
+            jobs[run] = (os.path.join(root, run), datasets[f], s, n_layer, seed, f)
     for f in s["sweep"]:
         for seed in range(s["sweep_seeds"]):
-            jobs[f"L2_repeat{f}_seed{seed}"] = (os.path.join(root, f"L2_repeat{f}_seed{seed}"), datasets[f], s, 2, seed, f)
+            run = f"L2_repeat{f}_seed{seed}"
+            jobs[run] = (os.path.join(root, run), datasets[f], s, 2, seed, f)
     with multiprocessing.get_context("fork").Pool(s["workers"]) as pool:  # the runs are independent: one per core
         done = dict(zip(jobs, pool.map(train_measured, jobs.values())))
     children = sum(r["cpu_seconds"] for r in done.values())
