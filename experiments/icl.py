@@ -23,7 +23,10 @@ never appear in training episodes. Then, per model: accuracy against K with and 
 the description (shots drawn with several seeds: the spread is shown), exact match of
 greedy answers on "clean", the three templates at K = 4, and induction heads (Olsson et
 al. 2022, arXiv:2209.11895): on a random string repeated twice, the attention of each
-token to the token after its previous occurrence. Writes experiments/out/icl.{json,png}.
+token to the token after its previous occurrence (induction.prefix_matching_score). Every
+gain here is the shots identifying a task the weights already hold; learning from the
+shots themselves (a fresh mapping answered by copying) needs induction heads, and
+experiments/induction.py grows them and measures it. Writes experiments/out/icl.{json,png}.
 """
 
 import argparse
@@ -42,6 +45,7 @@ from checkpoint import atomic_write  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import ModelConfig, Transformer, count_params  # noqa: E402
+from induction import prefix_matching_score  # noqa: E402
 from train import load_checkpoint  # noqa: E402
 
 SYMBOLS = "#@!%&*+=~^"
@@ -183,8 +187,7 @@ def induction_scores(model, n_vocab, length=24, n=4, seed=0):
         layer.attention.save_weights = True
     with torch.no_grad():
         model(idx)
-    t = torch.arange(length, 2 * length)
-    scores = [layer.attention.weights[:, :, t, t - length + 1].mean((0, 2)) for layer in model.layers]
+    scores = [prefix_matching_score(layer.attention.weights, length) for layer in model.layers]
     maps = [layer.attention.weights[0] for layer in model.layers]  # (n_head, 2L, 2L) each
     return torch.stack(scores), maps  # (n_layer, n_head)
 
@@ -229,7 +232,8 @@ def plot(results, s):
     axes[0, 0].legend(fontsize=7)
     big = results["models"][names[-1]]
     layer, head = big["best_head"]
-    axes[1, 0].imshow(big["induction_map"], cmap="viridis")
+    image = axes[1, 0].imshow(big["induction_map"], cmap="viridis")
+    fig.colorbar(image, ax=axes[1, 0], label="attention weight")
     L = len(big["induction_map"]) // 2
     axes[1, 0].plot(range(1, L + 1), range(L, 2 * L), "w:", lw=0.8)  # key = query - L + 1: an induction head
     axes[1, 0].set(title=f"model {names[-1]}, layer {layer} head {head}\nrandom string repeated twice "
@@ -241,7 +245,7 @@ def plot(results, s):
     uniform = sum(1 / (t + 1) for t in range(L, 2 * L)) / L  # the score of a head that attends uniformly
     axes[1, 1].axhline(uniform, color="gray", ls=":", lw=0.8, label="uniform attention")
     axes[1, 1].legend(fontsize=7)
-    axes[1, 1].set(xticks=range(len(names)), xticklabels=names, xlabel="model", ylabel="induction score",
+    axes[1, 1].set(xticks=range(len(names)), xticklabels=names, xlabel="model", ylabel="prefix-matching score",
                    title="each head's attention to the token after\nthe previous occurrence (repeated string)")
     width = 0.8 / len(names)
     for i, name in enumerate(names):
