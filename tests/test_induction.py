@@ -1,5 +1,5 @@
 """experiments/induction.py: the scores of Olsson et al. 2022 on hand-made attention patterns
-(known values), the ablation hook, the episodes; and (RUN_SLOW=1) what the --quick run
+(known values), the ablation hook, the episodes; and (the slow set) what the --quick run
 measures."""
 
 import json
@@ -116,7 +116,7 @@ def test_episodes_and_repeated_tokens():
     assert set(text) <= set(induction.ALPHABET) and len(text) >= 2000
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow set: RUN_SLOW=1 runs it (a few minutes)")
+@pytest.mark.slow  # a few minutes (conftest.py)
 def test_quick_run_learns_from_its_context(tmp_path):
     """What the --quick JSON shows at this budget (README, induction heads): both models use
     their context (the ICL score falls, the second A costs far less than the first), and the
