@@ -298,7 +298,7 @@ def test_bitlinear_model_trains_and_refuses_hf_export(tmp_path):
     assert losses[-1] < losses[0] - 1.0
     with pytest.raises(ValueError, match="bitlinear"):
         hf.save_llama(model, str(tmp_path))
-    with pytest.raises(ValueError, match="already quantized with bitlinear"):
+    with pytest.raises(ValueError, match="this model.s layers are BitNet BitLinear"):
         quant.quantize_model(model, "nf4")
 
 
