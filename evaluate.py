@@ -254,8 +254,14 @@ def check_doc(doc, where):
         choices, gold = doc["choices"], doc.get("gold")
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
             raise ValueError(f"{where}: \"choices\" must be a non-empty list of strings")
-        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise ValueError(f"{where}: gold {gold!r} is out of range for {len(choices)} choices "
+        if gold is None:
+            raise ValueError(f"{where}: a multiple-choice example needs \"gold\", the index of the right choice")
+        if not isinstance(gold, int) or isinstance(gold, bool):
+            raise ValueError(f"{where}: gold must be an integer index (0 .. {len(choices) - 1}), got the "
+                             f"{type(gold).__name__} {gold!r}" + ("; write it without quotes" if isinstance(gold, str)
+                                                                   and gold.strip().isdigit() else ""))
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"{where}: gold {gold} is out of range for {len(choices)} choices "
                              f"(an index 0 .. {len(choices) - 1})")
     elif not isinstance(doc.get("answer"), str):
         raise ValueError(f"{where}: give \"choices\" and \"gold\" (multiple choice) or an \"answer\" string "

@@ -225,8 +225,10 @@ def cli(*args):
 
 def test_bad_inputs_are_one_line_each(run_dir, tmp_path, capsys):
     bad = {"json": '{"query": "ab", "answer": "c"}\n\n{"query": "ab", "answer": \n',
-           "gold": '{"query": "ab", "answer": "c"}\n{"query": "ab", "choices": ["c", "d", "e"], "gold": 3}\n'}
-    expected = {"json": "line 3: not valid JSON", "gold": "line 2: gold 3 is out of range for 3 choices"}
+           "gold": '{"query": "ab", "answer": "c"}\n{"query": "ab", "choices": ["c", "d", "e"], "gold": 3}\n',
+           "gold_text": '{"query": "ab", "choices": ["c", "d"], "gold": "0"}\n'}
+    expected = {"json": "line 3: not valid JSON", "gold": "line 2: gold 3 is out of range for 3 choices",
+                "gold_text": "line 1: gold must be an integer index (0 .. 1), got the str '0'; write it without quotes"}
     for name, text in bad.items():
         (tmp_path / f"{name}.jsonl").write_text(text)
         with pytest.raises(SystemExit) as e:
