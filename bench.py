@@ -897,6 +897,9 @@ def main(argv=None):
             run_section(name, jobs[name], report, path, device)
     unlock_out_dir(args.out_dir)
     print(f"wrote {path}")
+    if args.quick:
+        print("--quick: the smallest model, a few rounds: this checks that every section runs, its timings are "
+              f"not results; the real run: python bench.py --out_dir {args.out_dir}")
     if FAILURES:
         print(f"failed: {', '.join(FAILURES)} (tracebacks in {path} under 'errors')")
         sys.exit(1)

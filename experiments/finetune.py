@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import load_checkpoint, write_json  # noqa: E402
-from common import OUT, save_figure  # noqa: E402
+from common import OUT, quick_ending, save_figure  # noqa: E402
 import hf  # noqa: E402
 import peft  # noqa: E402
 import plan  # noqa: E402
@@ -296,6 +296,8 @@ def main():
     print("latency (s/forward):", {k: round(v, 5) for k, v in timing.items()})
     print("merge error:", json.dumps(errors, indent=1))
     print(f"wrote {json_path}")
+    if args.quick:
+        print(quick_ending())
 
 
 if __name__ == "__main__":
