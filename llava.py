@@ -34,6 +34,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,7 +46,7 @@ import hf
 import peft
 from checkpoint import load_checkpoint, save_checkpoint
 from data.scenes import (BRIEF, COLOURS, COLUMNS, IMAGE_SIZE, KINDS, NUMBERS, SHAPES, SIZES, caption, caption_turn,
-                         conversation, draw, random_scene, write_png)
+                         conversation, draw, random_scene, shape_twin, write_png)
 from model import ModelConfig, Transformer, sample_next
 from runs import exit_with_error
 
@@ -373,6 +374,7 @@ class Settings:
     batch_size: int = 32
     clip_batch: int = 64
     clip_iters: int = 300
+    clip_twins: bool = True  # hard negatives: each scene with its shape twin (clip_batch)
     text_iters: int = 300  # the language-only pretraining of the decoder (our Vicuna stand-in)
     stage1_iters: int = 200
     stage2_iters: int = 500
@@ -382,7 +384,7 @@ class Settings:
     seed: int = 0
 
 
-QUICK = dict(n_train=64, n_eval=16, batch_size=8, clip_batch=16, clip_iters=3, text_iters=3, stage1_iters=3,
+QUICK = dict(n_train=256, n_eval=16, batch_size=8, clip_batch=32, clip_iters=80, text_iters=3, stage1_iters=3,
              stage2_iters=3, n_layer=1, n_embd=32)
 
 
@@ -426,16 +428,27 @@ def chat_batch(tok, scenes, images, rng, batch_size, n_patches, turns_fn, with_i
     return ids[:, :-1], targets[:, 1:], images[torch.as_tensor(idx)]
 
 
-def train_clip(tok, scenes, images, s):
-    """CLIP pretraining on (image, caption) pairs; returns the CLIP model and its loss history."""
+def clip_batch(scenes, rng, size, twins):
+    """(scenes, captions) of one contrastive batch. twins: size / 2 training scenes, each followed by
+    its shape twin and both captioned alike (long or short), so the loss needs the shapes; otherwise
+    `size` distinct training scenes, whose captions colour, size and place tell apart."""
+    idx = rng.choice(len(scenes), size=size // 2 if twins else size, replace=False)
+    batch = [t for i in idx for t in ((scenes[i], shape_twin(scenes[i], rng)) if twins else (scenes[i],))]
+    longs = np.repeat(rng.random(len(idx)) < 0.5, 2 if twins else 1)
+    return batch, [caption(scene, rng, bool(long)) for scene, long in zip(batch, longs)]
+
+
+def train_clip(tok, scenes, s):
+    """CLIP pretraining on (image, caption) pairs, each image drawn afresh (new noise) from its scene;
+    returns the CLIP model and its loss history."""
     clip = CLIP(VisionConfig(), tok.n_vocab)
     rng = np.random.default_rng(s.seed + 1)
 
     def loss_fn(it):
-        idx = rng.choice(len(scenes), size=s.clip_batch, replace=False)
-        ids, lengths = caption_batch(tok, [caption(scenes[i], rng) for i in idx])
+        batch, captions = clip_batch(scenes, rng, s.clip_batch, s.clip_twins)
+        images = pixel_values(np.stack([draw(scene, rng) for scene in batch]))  # (B, 3, H, W)
         scale = clip.logit_scale.clamp(max=math.log(100))  # CLIP section 2.5: the temperature clipped at 100
-        return clip_loss(clip.encode_image(images[idx]), clip.encode_text(ids, lengths), scale)
+        return clip_loss(clip.encode_image(images), clip.encode_text(*caption_batch(tok, captions)), scale)
 
     history = train_loop(clip.parameters(), loss_fn, s.clip_iters, s.lr / 2, "clip")
     return clip, history
@@ -504,27 +517,48 @@ def train_stage(model, stage, tok, scenes, images, s, lora=False):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def held_out(s, seed=1):
+    """The evaluation set, the same for every model: (scenes, images, [(three-turn conversation,
+    image first?)]), from other seeds than training's."""
+    rng = np.random.default_rng(10_000 + seed)
+    scenes, images = make_scenes(s.n_eval, 20_000 + seed)
+    return scenes, images, [(conversation(scene, rng, 3), rng.random() < 0.5) for scene in scenes]
+
+
 @torch.no_grad()
 def answer_accuracy(model, tok, s, with_image=True, seed=1):
     """Per question kind on held-out scenes: the share of answers that greedy decoding gets exactly
     right. Greedy decoding reproduces an answer iff the argmax at each of its positions (and at its
     </s>) is the answer's token given the true prefix, so one teacher-forced pass measures it."""
-    rng = np.random.default_rng(10_000 + seed)
-    scenes, images = make_scenes(s.n_eval, 20_000 + seed)
+    _, images, talks = held_out(s, seed)
     right = {k: 0 for k in KINDS}
-    total = {k: 0 for k in KINDS}
     n_patches = model.n_image_tokens if with_image else 0
-    for i in range(len(scenes)):
-        ids, targets, kinds = encode_conversation(tok, conversation(scenes[i], rng, 3), n_patches,
-                                                  rng.random() < 0.5, with_image)
+    for i, (turns, image_first) in enumerate(talks):
+        ids, targets, kinds = encode_conversation(tok, turns, n_patches, image_first, with_image)
         x = torch.tensor([ids[:-1]])
         logits = model(x, images[i:i + 1] if with_image else None)[0][0]  # (T - 1, vocab)
         correct = logits.argmax(-1) == torch.tensor(targets[1:])
         for kind in KINDS:
             positions = [t - 1 for t in range(1, len(ids)) if kinds[t] == kind]
             right[kind] += bool(correct[positions].all())
-            total[kind] += 1
-    return {k: right[k] / total[k] for k in KINDS}
+    return {k: right[k] / len(talks) for k in KINDS}
+
+
+def prior_accuracy(s, seed=1, n=20_000):
+    """The best the words alone can do: each held-out question answered with its most frequent
+    answer among n training conversations' identical questions (0 if it never occurs). On the
+    conversation kind, whose answers are balanced, this is chance."""
+    rng, answers = np.random.default_rng(s.seed + 3), {}
+    for _ in range(n):
+        for q, a, _ in conversation(random_scene(rng), rng, 3):
+            answers.setdefault(q, Counter())[a] += 1
+    guess = {q: c.most_common(1)[0][0] for q, c in answers.items()}
+    right = {k: 0 for k in KINDS}
+    talks = held_out(s, seed)[2]
+    for turns, _ in talks:
+        for q, a, kind in turns:
+            right[kind] += guess.get(q) == a
+    return {k: right[k] / len(talks) for k in KINDS}
 
 
 class TextOnly(nn.Module):
@@ -557,12 +591,12 @@ def load(out_dir, device="cpu"):
 
 def pipeline(out_dir, s, projector="mlp", lora=False):
     """CLIP -> language-only decoder -> stage 1 -> stage 2 -> evaluation; each step's checkpoint in out_dir."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
     tok = WordTokenizer(build_vocab())
     scenes, images = make_scenes(s.n_train, s.seed)
-    t0 = time.perf_counter()
-    clip, clip_hist = train_clip(tok, scenes, images, s)
-    zero_shot = zero_shot_accuracy(clip, tok, n=max(s.n_eval, 20))
+    clip, clip_hist = train_clip(tok, scenes, s)
+    zero_shot = zero_shot_accuracy(clip, tok, n=max(s.n_eval, 100))
     print("CLIP zero-shot accuracy on held-out one-object scenes (20 classes, chance 5%): " +
           ", ".join(f"{k} {v:.1%}" for k, v in zero_shot.items()))
     save_checkpoint({"model": clip.state_dict(), "model_config": asdict(clip.vision.config), "vocab": tok.vocab},
@@ -576,7 +610,8 @@ def pipeline(out_dir, s, projector="mlp", lora=False):
     print("held-out answer accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
     save(model, tok, os.path.join(out_dir, "ckpt.pt"),
          {"history": {"clip": clip_hist, "stage1": h1, "stage2": h2}, "zero_shot": zero_shot,
-          "accuracy": accuracy, "seconds": time.perf_counter() - t0})
+          "accuracy": accuracy, "seconds": time.perf_counter() - t0,
+          "cpu_seconds": time.process_time() - cpu0})
     scene = random_scene(np.random.default_rng(99))
     write_png(draw(scene), os.path.join(out_dir, "scene.png"))
     print(f"wrote {out_dir}/ckpt.pt ({time.perf_counter() - t0:.0f} s); try:\n  python sample.py --out_dir "
