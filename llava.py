@@ -375,16 +375,16 @@ class Settings:
     clip_batch: int = 64
     clip_iters: int = 300
     clip_twins: bool = True  # hard negatives: each scene with its shape twin (clip_batch)
-    text_iters: int = 300  # the language-only pretraining of the decoder (our Vicuna stand-in)
-    stage1_iters: int = 200
-    stage2_iters: int = 500
+    text_iters: int = 150  # the language-only pretraining of the decoder (our Vicuna stand-in)
+    stage1_iters: int = 100
+    stage2_iters: int = 250
     lr: float = 2e-3
     n_layer: int = 3
     n_embd: int = 96
     seed: int = 0
 
 
-QUICK = dict(n_train=256, n_eval=16, batch_size=8, clip_batch=32, clip_iters=80, text_iters=3, stage1_iters=3,
+QUICK = dict(n_train=512, n_eval=16, batch_size=8, clip_batch=32, clip_iters=150, text_iters=3, stage1_iters=3,
              stage2_iters=3, n_layer=1, n_embd=32)
 
 
@@ -544,7 +544,7 @@ def answer_accuracy(model, tok, s, with_image=True, seed=1):
     return {k: right[k] / len(talks) for k in KINDS}
 
 
-def prior_accuracy(s, seed=1, n=20_000):
+def prior_accuracy(s, seed=1, n=10_000):
     """The best the words alone can do: each held-out question answered with its most frequent
     answer among n training conversations' identical questions (0 if it never occurs). On the
     conversation kind, whose answers are balanced, this is chance."""

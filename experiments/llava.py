@@ -158,7 +158,8 @@ def tables(results):
 
 def run_parts(parts, jobs, quick):
     """python experiments/llava.py --seed N --part P for each (N, P), at most `jobs` at once, in order
-    (a part that needs its seed's stage 1 waits for it: the main parts come first)."""
+    (a part that needs its seed's stage 1 waits for it: the main parts come first; P = "": all of
+    seed N's parts, cached, then its evaluation)."""
     waiting, running = list(parts), []
     while waiting or running:
         while waiting and len(running) < jobs:
@@ -189,6 +190,7 @@ def main():
     if args.seed is None and args.jobs > 1:  # every part its own process, the main parts first; evaluated below
         run_parts([(seed, part) for part in PARTS for seed in seeds if part != "clip_no_twins" or seed == 0],
                   args.jobs, args.quick)
+        run_parts([(seed, "") for seed in seeds], args.jobs, args.quick)  # each seed's evaluation, cached
     for seed in seeds:
         s = llava.Settings(**{**s.__dict__, "seed": seed})
         folder = os.path.join(cache, f"seed{seed}")
