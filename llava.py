@@ -1,7 +1,7 @@
 """LLaVA in miniature: a CLIP-style vision encoder, a projector, and two-stage visual
 instruction tuning of our decoder, on scenes of coloured shapes drawn with numpy (data/scenes.py).
 
-Papers (summaries in PAPERS.md):
+Papers:
   - LLaVA (Liu et al., arXiv:2304.08485) section 3: instruction data of three kinds
     (conversation, detailed description, complex reasoning); section 4.1: image features
     Z_v = g(X_v) from a frozen CLIP ViT, H_v = W Z_v, a linear layer into the word
@@ -34,7 +34,6 @@ import math
 import os
 import re
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -46,7 +45,7 @@ import hf
 import peft
 from checkpoint import load_checkpoint, save_checkpoint
 from data.scenes import (BRIEF, COLOURS, COLUMNS, IMAGE_SIZE, KINDS, NUMBERS, SHAPES, SIZES, caption, caption_turn,
-                         conversation, draw, random_scene, shape_twin, write_png)
+                         clip_batch, conversation, draw, random_scene, write_png)
 from model import ModelConfig, Transformer, sample_next
 from runs import exit_with_error
 
@@ -266,9 +265,8 @@ def zero_shot_accuracy(clip, tok, n=300, seed=1):
     scores = F.normalize(clip.encode_image(images), dim=-1) @ F.normalize(text, dim=-1).T  # (n, 20)
     guess = [classes[i] for i in scores.argmax(-1).tolist()]
     truth = [(s[0]["colour"], s[0]["shape"]) for s in scenes]
-    return {"colour and shape": np.mean([g == t for g, t in zip(guess, truth)]).item(),
-            "colour": np.mean([g[0] == t[0] for g, t in zip(guess, truth)]).item(),
-            "shape": np.mean([g[1] == t[1] for g, t in zip(guess, truth)]).item()}
+    parts = {"colour and shape": slice(0, 2), "colour": slice(0, 1), "shape": slice(1, 2)}
+    return {k: np.mean([g[p] == t[p] for g, t in zip(guess, truth)]).item() for k, p in parts.items()}
 
 
 # ----------------------------------------------------------------------------- the projector and LLaVA
@@ -374,7 +372,7 @@ class Settings:
     batch_size: int = 32
     clip_batch: int = 64
     clip_iters: int = 300
-    clip_twins: bool = True  # hard negatives: each scene with its shape twin (clip_batch)
+    clip_twins: bool = True  # hard negatives: each scene with its shape twin (data/scenes.clip_batch)
     text_iters: int = 150  # the language-only pretraining of the decoder (our Vicuna stand-in)
     stage1_iters: int = 100
     stage2_iters: int = 250
@@ -428,16 +426,6 @@ def chat_batch(tok, scenes, images, rng, batch_size, n_patches, turns_fn, with_i
     return ids[:, :-1], targets[:, 1:], images[torch.as_tensor(idx)]
 
 
-def clip_batch(scenes, rng, size, twins):
-    """(scenes, captions) of one contrastive batch. twins: size / 2 training scenes, each followed by
-    its shape twin and both captioned alike (long or short), so the loss needs the shapes; otherwise
-    `size` distinct training scenes, whose captions colour, size and place tell apart."""
-    idx = rng.choice(len(scenes), size=size // 2 if twins else size, replace=False)
-    batch = [t for i in idx for t in ((scenes[i], shape_twin(scenes[i], rng)) if twins else (scenes[i],))]
-    longs = np.repeat(rng.random(len(idx)) < 0.5, 2 if twins else 1)
-    return batch, [caption(scene, rng, bool(long)) for scene, long in zip(batch, longs)]
-
-
 def train_clip(tok, scenes, s):
     """CLIP pretraining on (image, caption) pairs, each image drawn afresh (new noise) from its scene;
     returns the CLIP model and its loss history."""
@@ -445,7 +433,7 @@ def train_clip(tok, scenes, s):
     rng = np.random.default_rng(s.seed + 1)
 
     def loss_fn(it):
-        batch, captions = clip_batch(scenes, rng, s.clip_batch, s.clip_twins)
+        batch, captions = clip_batch(scenes, rng, s.clip_batch, s.clip_twins)  # data/scenes.py
         images = pixel_values(np.stack([draw(scene, rng) for scene in batch]))  # (B, 3, H, W)
         scale = clip.logit_scale.clamp(max=math.log(100))  # CLIP section 2.5: the temperature clipped at 100
         return clip_loss(clip.encode_image(images), clip.encode_text(*caption_batch(tok, captions)), scale)
@@ -542,34 +530,6 @@ def answer_accuracy(model, tok, s, with_image=True, seed=1):
             positions = [t - 1 for t in range(1, len(ids)) if kinds[t] == kind]
             right[kind] += bool(correct[positions].all())
     return {k: right[k] / len(talks) for k in KINDS}
-
-
-def prior_accuracy(s, seed=1, n=10_000):
-    """The best the words alone can do: each held-out question answered with its most frequent
-    answer among n training conversations' identical questions (0 if it never occurs). On the
-    conversation kind, whose answers are balanced, this is chance."""
-    rng, answers = np.random.default_rng(s.seed + 3), {}
-    for _ in range(n):
-        for q, a, _ in conversation(random_scene(rng), rng, 3):
-            answers.setdefault(q, Counter())[a] += 1
-    guess = {q: c.most_common(1)[0][0] for q, c in answers.items()}
-    right = {k: 0 for k in KINDS}
-    talks = held_out(s, seed)[2]
-    for turns, _ in talks:
-        for q, a, kind in turns:
-            right[kind] += guess.get(q) == a
-    return {k: right[k] / len(talks) for k in KINDS}
-
-
-class TextOnly(nn.Module):
-    """The decoder alone, called like LlavaModel (for the text-only baseline)."""
-
-    def __init__(self, llm):
-        super().__init__()
-        self.llm, self.n_image_tokens = llm, 0
-
-    def forward(self, input_ids, pixel_values=None, targets=None):
-        return self.llm(input_ids, targets)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -10,6 +10,7 @@ reasoning), written from the scene's own description instead of by GPT-4.
 
 import os
 import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -85,6 +86,16 @@ def shape_twin(scene, rng):
     return scene[:i] + [{**scene[i], "shape": shapes[rng.integers(len(shapes))]}] + scene[i + 1:]
 
 
+def clip_batch(scenes, rng, size, twins):
+    """(scenes, captions) of one contrastive batch. twins: size / 2 training scenes, each followed by
+    its shape twin and both captioned alike (long or short), so the loss needs the shapes; otherwise
+    `size` distinct training scenes, whose captions colour, size and place tell apart."""
+    idx = rng.choice(len(scenes), size=size // 2 if twins else size, replace=False)
+    batch = [t for i in idx for t in ((scenes[i], shape_twin(scenes[i], rng)) if twins else (scenes[i],))]
+    longs = np.repeat(rng.random(len(idx)) < 0.5, 2 if twins else 1)
+    return batch, [caption(scene, rng, bool(long)) for scene, long in zip(batch, longs)]
+
+
 def neighbour(scene, o, side):
     """The nearest object on `side` of o, or None."""
     others = [p for p in scene if (p["x"] < o["x"] if side == "left" else p["x"] > o["x"])]
@@ -142,6 +153,23 @@ def conversation(scene, rng, n_turns=None):
     """A multi-turn conversation [(question, answer, kind)]; one turn of each kind at most."""
     n = n_turns or int(rng.integers(1, 4))
     return [(*question(scene, kind, rng), kind) for kind in rng.permutation(KINDS)[:n]]
+
+
+def text_prior(talks, rng, n=10_000):
+    """The best the words alone can do on `talks` (conversations [(question, answer, kind)]): each
+    question answered with its most frequent answer among n fresh conversations' identical
+    questions (wrong if it never occurs), per kind. On the conversation kind, whose answers are
+    balanced, this is chance."""
+    answers = {}
+    for _ in range(n):
+        for q, a, _ in conversation(random_scene(rng), rng, 3):
+            answers.setdefault(q, Counter())[a] += 1
+    guess = {q: c.most_common(1)[0][0] for q, c in answers.items()}
+    right = {k: 0 for k in KINDS}
+    for turns in talks:
+        for q, a, kind in turns:
+            right[kind] += guess.get(q) == a
+    return {k: right[k] / len(talks) for k in KINDS}
 
 
 def caption_turn(scene, rng):

@@ -30,6 +30,7 @@ from common import OUT, plt, write  # first: it puts the repository root before 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import llava  # noqa: E402
 from data import scenes  # noqa: E402
@@ -37,6 +38,17 @@ from checkpoint import load_checkpoint, read_json, write_json  # noqa: E402
 
 PARTS = ("main", "linear", "stage2_only", "clip_no_twins")
 VARIANTS = ("text prior", "text only", "stage 1 only", "stage 2 only", "stage 1 + 2", "stage 1 + 2, linear")
+
+
+class TextOnly(nn.Module):
+    """The decoder alone, called like LlavaModel (for the text-only baseline)."""
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm, self.n_image_tokens = llm, 0
+
+    def forward(self, input_ids, pixel_values=None, targets=None):
+        return self.llm(input_ids, targets)
 
 
 def answer(model, tok, image, question):
@@ -102,8 +114,9 @@ def evaluate_seed(tok, s, folder):
     files = {"stage 1 only": "stage1.pt", "stage 2 only": "stage2_only.pt", "stage 1 + 2": "ckpt.pt",
              "stage 1 + 2, linear": "stage12_linear.pt"}
     models = {name: wait_for(os.path.join(folder, f)) for name, f in files.items()}
-    rows = {"text prior": llava.prior_accuracy(s),
-            "text only": llava.answer_accuracy(llava.TextOnly(models["stage 1 only"].llm), tok, s, with_image=False)}
+    talks = [turns for turns, _ in llava.held_out(s)[2]]
+    rows = {"text prior": scenes.text_prior(talks, np.random.default_rng(s.seed + 3)),
+            "text only": llava.answer_accuracy(TextOnly(models["stage 1 only"].llm), tok, s, with_image=False)}
     rows.update({name: llava.answer_accuracy(m, tok, s) for name, m in models.items()})
     for name in VARIANTS:
         print(f"seed {s.seed} {name:20s}: " + ", ".join(f"{k} {v:.1%}" for k, v in rows[name].items()))

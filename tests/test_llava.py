@@ -82,7 +82,8 @@ def test_conversation_answers_are_balanced_so_the_words_alone_give_chance():
         n = sum(counts.values())
         assert len(counts) == expected[template], template
         assert max(counts.values()) / n < 1 / expected[template] + 0.06, (template, counts)
-    prior = llava.prior_accuracy(llava.Settings(n_eval=300), n=5000)
+    talks = [scenes.conversation(scenes.random_scene(rng), rng, 3) for _ in range(300)]
+    prior = scenes.text_prior(talks, np.random.default_rng(1), n=5000)
     assert 0.28 < prior["conversation"] < 0.42  # chance, averaged over the kinds of question: 0.35
 
 
