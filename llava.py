@@ -382,7 +382,7 @@ class Settings:
     seed: int = 0
 
 
-QUICK = dict(n_train=512, n_eval=16, batch_size=8, clip_batch=32, clip_iters=150, text_iters=3, stage1_iters=3,
+QUICK = dict(n_train=64, n_eval=16, batch_size=8, clip_batch=16, clip_iters=3, text_iters=3, stage1_iters=3,
              stage2_iters=3, n_layer=1, n_embd=32)
 
 

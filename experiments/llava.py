@@ -37,6 +37,8 @@ from data import scenes  # noqa: E402
 from checkpoint import load_checkpoint, read_json, write_json  # noqa: E402
 
 PARTS = ("main", "linear", "stage2_only", "clip_no_twins")
+# --quick: every step count of llava.QUICK, but CLIP long enough to see shapes above chance
+QUICK = {**llava.QUICK, "n_train": 512, "clip_batch": 32, "clip_iters": 150}
 VARIANTS = ("text prior", "text only", "stage 1 only", "stage 2 only", "stage 1 + 2", "stage 1 + 2, linear")
 
 
@@ -195,7 +197,7 @@ def main():
                    help="with --seed: one part of a seed (the default run starts each part as a process)")
     p.add_argument("--jobs", type=int, default=2, help="parts trained at once, one process (one thread) each")
     args = p.parse_args()
-    s = llava.Settings(**(llava.QUICK if args.quick else {}))
+    s = llava.Settings(**(QUICK if args.quick else {}))
     tok = llava.WordTokenizer(llava.build_vocab())
     runs = []
     cache = os.path.join(OUT, "llava_runs" + ("_quick" if args.quick else ""))
