@@ -38,7 +38,7 @@ from checkpoint import load_checkpoint, read_json, write_json  # noqa: E402
 
 PARTS = ("main", "linear", "stage2_only", "clip_no_twins")
 # --quick: every step count of llava.QUICK, but CLIP long enough to see shapes above chance
-QUICK = {**llava.QUICK, "n_train": 512, "clip_batch": 32, "clip_iters": 150}
+QUICK = {**llava.QUICK, "n_train": 512, "clip_batch": 64, "clip_iters": 150}
 VARIANTS = ("text prior", "text only", "stage 1 only", "stage 2 only", "stage 1 + 2", "stage 1 + 2, linear")
 
 
@@ -82,8 +82,6 @@ def train_part(tok, s, folder, part):
     clip_no_twins (seed 0) = a CLIP trained without shape twins. A checkpoint already there is reused.
     Each checkpoint records the CPU seconds its part took."""
     stage1, cpu0 = os.path.join(folder, "stage1.pt"), time.process_time()
-    if part in ("linear", "stage2_only"):
-        scenes, images = llava.make_scenes(s.n_train, s.seed)  # the pipeline's training scenes
     if part == "main" and not os.path.exists(os.path.join(folder, "ckpt.pt")):
         llava.pipeline(folder, s, "mlp")
     if part == "clip_no_twins" and not os.path.exists(os.path.join(folder, "clip_no_twins.json")):
@@ -91,19 +89,17 @@ def train_part(tok, s, folder, part):
         clip, _ = llava.train_clip(tok, llava.make_scenes(s.n_train, s.seed)[0], plain)
         write_json({"zero_shot": llava.zero_shot_accuracy(clip, tok, n=max(s.n_eval, 100)),
                     "cpu_seconds": time.process_time() - cpu0}, os.path.join(folder, "clip_no_twins.json"))
-    if part == "linear" and not os.path.exists(os.path.join(folder, "stage12_linear.pt")):
+    files = {"linear": "stage12_linear.pt", "stage2_only": "stage2_only.pt"}
+    if part in files and not os.path.exists(os.path.join(folder, files[part])):
+        scenes, images = llava.make_scenes(s.n_train, s.seed)  # the pipeline's training scenes
         base = wait_for(stage1)
-        torch.manual_seed(s.seed + 1)
-        model = llava.new_llava(tok, s, "linear", base.vision, base.llm)  # the same CLIP and decoder
-        llava.train_stage(model, 1, tok, scenes, images, s)
+        torch.manual_seed(s.seed + (1 if part == "linear" else 2))
+        projector = "linear" if part == "linear" else "mlp"
+        model = llava.new_llava(tok, s, projector, base.vision, base.llm)  # the same CLIP and decoder, a new projector
+        if part == "linear":
+            llava.train_stage(model, 1, tok, scenes, images, s)
         llava.train_stage(model, 2, tok, scenes, images, s)
-        llava.save(model, tok, os.path.join(folder, "stage12_linear.pt"), {"cpu_seconds": time.process_time() - cpu0})
-    if part == "stage2_only" and not os.path.exists(os.path.join(folder, "stage2_only.pt")):
-        base = wait_for(stage1)
-        torch.manual_seed(s.seed + 2)
-        model = llava.new_llava(tok, s, "mlp", base.vision, base.llm)
-        llava.train_stage(model, 2, tok, scenes, images, s)
-        llava.save(model, tok, os.path.join(folder, "stage2_only.pt"), {"cpu_seconds": time.process_time() - cpu0})
+        llava.save(model, tok, os.path.join(folder, files[part]), {"cpu_seconds": time.process_time() - cpu0})
 
 
 def evaluate_seed(tok, s, folder):
