@@ -266,7 +266,7 @@ def test_an_image_of_another_size_is_resized_with_a_note(run_dir, tmp_path, caps
 @pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow set: RUN_SLOW=1 runs it (a minute of CPU)")
 def test_experiment_quick_shows_clip_seeing_shapes(tmp_path, monkeypatch):
     """The --quick run (80 contrastive steps) already shows the effect's direction: CLIP's zero-shot
-    shape accuracy above chance (25%) by more than four standard errors of 100 scenes."""
+    shape accuracy above chance (25%) by more than three standard errors of 100 scenes."""
     import json
     import runpy
     monkeypatch.setenv("EXPERIMENTS_OUT", str(tmp_path))
@@ -282,4 +282,4 @@ def test_experiment_quick_shows_clip_seeing_shapes(tmp_path, monkeypatch):
     assert len(results["examples"]) == 8 and {e["kind"] for e in results["examples"]} <= set(scenes.KINDS)
     assert (tmp_path / "llava_quick.png").stat().st_size > 1000
     [zero_shot] = results["zero_shot"]
-    assert zero_shot["shape"] > 0.25 + 4 * (0.25 * 0.75 / 100) ** 0.5  # > 0.42
+    assert zero_shot["shape"] > 0.25 + 3 * (0.25 * 0.75 / 100) ** 0.5  # > 0.38
