@@ -86,6 +86,7 @@ def train_part(tok, s, folder, part):
         llava.pipeline(folder, s, "mlp")
     if part == "clip_no_twins" and not os.path.exists(os.path.join(folder, "clip_no_twins.json")):
         plain = llava.Settings(**{**s.__dict__, "clip_twins": False})
+        torch.manual_seed(s.seed)  # the same initial CLIP as the pipeline's: only the batches differ
         clip, _ = llava.train_clip(tok, llava.make_scenes(s.n_train, s.seed)[0], plain)
         write_json({"zero_shot": llava.zero_shot_accuracy(clip, tok, n=max(s.n_eval, 100)),
                     "cpu_seconds": time.process_time() - cpu0}, os.path.join(folder, "clip_no_twins.json"))
