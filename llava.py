@@ -1,7 +1,7 @@
 """LLaVA in miniature: a CLIP-style vision encoder, a projector, and two-stage visual
 instruction tuning of our decoder, on scenes of coloured shapes drawn with numpy (data/scenes.py).
 
-Papers (summaries in PAPERS.md):
+Papers:
   - LLaVA (Liu et al., arXiv:2304.08485) section 3: instruction data of three kinds
     (conversation, detailed description, complex reasoning); section 4.1: image features
     Z_v = g(X_v) from a frozen CLIP ViT, H_v = W Z_v, a linear layer into the word
@@ -45,7 +45,7 @@ import peft
 from checkpoint import load_checkpoint, lock_out_dir, save_checkpoint, unlock_out_dir
 from cli import Number, Parser
 from data.scenes import (BRIEF, COLOURS, COLUMNS, IMAGE_SIZE, KINDS, NUMBERS, SHAPES, SIZES, caption, caption_turn,
-                         conversation, draw, random_scene, write_png)
+                         clip_batch, conversation, draw, random_scene, write_png)
 from model import ModelConfig, Transformer, sample_next
 from runs import check_run_kind, exit_with_error, free_out_dir
 
@@ -265,9 +265,8 @@ def zero_shot_accuracy(clip, tok, n=300, seed=1):
     scores = F.normalize(clip.encode_image(images), dim=-1) @ F.normalize(text, dim=-1).T  # (n, 20)
     guess = [classes[i] for i in scores.argmax(-1).tolist()]
     truth = [(s[0]["colour"], s[0]["shape"]) for s in scenes]
-    return {"colour and shape": np.mean([g == t for g, t in zip(guess, truth)]).item(),
-            "colour": np.mean([g[0] == t[0] for g, t in zip(guess, truth)]).item(),
-            "shape": np.mean([g[1] == t[1] for g, t in zip(guess, truth)]).item()}
+    parts = {"colour and shape": slice(0, 2), "colour": slice(0, 1), "shape": slice(1, 2)}
+    return {k: np.mean([g[p] == t[p] for g, t in zip(guess, truth)]).item() for k, p in parts.items()}
 
 
 # ----------------------------------------------------------------------------- the projector and LLaVA
@@ -373,9 +372,10 @@ class Settings:
     batch_size: int = 32
     clip_batch: int = 64
     clip_iters: int = 300
-    text_iters: int = 300  # the language-only pretraining of the decoder (our Vicuna stand-in)
-    stage1_iters: int = 200
-    stage2_iters: int = 500
+    clip_twins: bool = True  # hard negatives: each scene with its shape twin (data/scenes.clip_batch)
+    text_iters: int = 150  # the language-only pretraining of the decoder (our Vicuna stand-in)
+    stage1_iters: int = 100
+    stage2_iters: int = 250
     lr: float = 2e-3
     n_layer: int = 3
     n_embd: int = 96
@@ -426,16 +426,17 @@ def chat_batch(tok, scenes, images, rng, batch_size, n_patches, turns_fn, with_i
     return ids[:, :-1], targets[:, 1:], images[torch.as_tensor(idx)]
 
 
-def train_clip(tok, scenes, images, s):
-    """CLIP pretraining on (image, caption) pairs; returns the CLIP model and its loss history."""
+def train_clip(tok, scenes, s):
+    """CLIP pretraining on (image, caption) pairs, each image drawn afresh (new noise) from its scene;
+    returns the CLIP model and its loss history."""
     clip = CLIP(VisionConfig(), tok.n_vocab)
     rng = np.random.default_rng(s.seed + 1)
 
     def loss_fn(it):
-        idx = rng.choice(len(scenes), size=s.clip_batch, replace=False)
-        ids, lengths = caption_batch(tok, [caption(scenes[i], rng) for i in idx])
+        batch, captions = clip_batch(scenes, rng, s.clip_batch, s.clip_twins)  # data/scenes.py
+        images = pixel_values(np.stack([draw(scene, rng) for scene in batch]))  # (B, 3, H, W)
         scale = clip.logit_scale.clamp(max=math.log(100))  # CLIP section 2.5: the temperature clipped at 100
-        return clip_loss(clip.encode_image(images[idx]), clip.encode_text(ids, lengths), scale)
+        return clip_loss(clip.encode_image(images), clip.encode_text(*caption_batch(tok, captions)), scale)
 
     history = train_loop(clip.parameters(), loss_fn, s.clip_iters, s.lr / 2, "clip")
     return clip, history
@@ -504,38 +505,31 @@ def train_stage(model, stage, tok, scenes, images, s, lora=False):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def held_out(s, seed=1):
+    """The evaluation set, the same for every model: (scenes, images, [(three-turn conversation,
+    image first?)]), from other seeds than training's."""
+    rng = np.random.default_rng(10_000 + seed)
+    scenes, images = make_scenes(s.n_eval, 20_000 + seed)
+    return scenes, images, [(conversation(scene, rng, 3), rng.random() < 0.5) for scene in scenes]
+
+
 @torch.no_grad()
 def answer_accuracy(model, tok, s, with_image=True, seed=1):
     """Per question kind on held-out scenes: the share of answers that greedy decoding gets exactly
     right. Greedy decoding reproduces an answer iff the argmax at each of its positions (and at its
     </s>) is the answer's token given the true prefix, so one teacher-forced pass measures it."""
-    rng = np.random.default_rng(10_000 + seed)
-    scenes, images = make_scenes(s.n_eval, 20_000 + seed)
+    _, images, talks = held_out(s, seed)
     right = {k: 0 for k in KINDS}
-    total = {k: 0 for k in KINDS}
     n_patches = model.n_image_tokens if with_image else 0
-    for i in range(len(scenes)):
-        ids, targets, kinds = encode_conversation(tok, conversation(scenes[i], rng, 3), n_patches,
-                                                  rng.random() < 0.5, with_image)
+    for i, (turns, image_first) in enumerate(talks):
+        ids, targets, kinds = encode_conversation(tok, turns, n_patches, image_first, with_image)
         x = torch.tensor([ids[:-1]])
         logits = model(x, images[i:i + 1] if with_image else None)[0][0]  # (T - 1, vocab)
         correct = logits.argmax(-1) == torch.tensor(targets[1:])
         for kind in KINDS:
             positions = [t - 1 for t in range(1, len(ids)) if kinds[t] == kind]
             right[kind] += bool(correct[positions].all())
-            total[kind] += 1
-    return {k: right[k] / total[k] for k in KINDS}
-
-
-class TextOnly(nn.Module):
-    """The decoder alone, called like LlavaModel (for the text-only baseline)."""
-
-    def __init__(self, llm):
-        super().__init__()
-        self.llm, self.n_image_tokens = llm, 0
-
-    def forward(self, input_ids, pixel_values=None, targets=None):
-        return self.llm(input_ids, targets)
+    return {k: right[k] / len(talks) for k in KINDS}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -567,12 +561,12 @@ def pipeline(out_dir, s, projector="mlp", lora=False):
 
 
 def train_pipeline(out_dir, s, projector, lora):
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
     tok = WordTokenizer(build_vocab())
     scenes, images = make_scenes(s.n_train, s.seed)
-    t0 = time.perf_counter()
-    clip, clip_hist = train_clip(tok, scenes, images, s)
-    zero_shot = zero_shot_accuracy(clip, tok, n=max(s.n_eval, 20))
+    clip, clip_hist = train_clip(tok, scenes, s)
+    zero_shot = zero_shot_accuracy(clip, tok, n=max(s.n_eval, 100))
     print("CLIP zero-shot accuracy on held-out one-object scenes (20 classes, chance 5%): " +
           ", ".join(f"{k} {v:.1%}" for k, v in zero_shot.items()))
     save_checkpoint({"model": clip.state_dict(), "model_config": asdict(clip.vision.config), "vocab": tok.vocab},
@@ -586,7 +580,8 @@ def train_pipeline(out_dir, s, projector, lora):
     print("held-out answer accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
     save(model, tok, os.path.join(out_dir, "ckpt.pt"),
          {"history": {"clip": clip_hist, "stage1": h1, "stage2": h2}, "zero_shot": zero_shot,
-          "accuracy": accuracy, "seconds": time.perf_counter() - t0})
+          "accuracy": accuracy, "seconds": time.perf_counter() - t0,
+          "cpu_seconds": time.process_time() - cpu0})
     scene = random_scene(np.random.default_rng(99))
     write_png(draw(scene), os.path.join(out_dir, "scene.png"))
     print(f"wrote {out_dir}/ckpt.pt ({time.perf_counter() - t0:.0f} s); try:\n  python sample.py --out_dir "

@@ -38,6 +38,55 @@ def test_clip_loss_matches_a_hand_computed_case():
     assert llava.clip_loss(image, text, scale).item() == pytest.approx(expected, abs=1e-6)
 
 
+# ----------------------------------------------------------------------------- the scenes
+def test_a_shape_twin_differs_from_its_scene_in_one_shape_only():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = scenes.random_scene(rng)
+        twin = scenes.shape_twin(scene, rng)
+        changed = [i for i, (o, p) in enumerate(zip(scene, twin)) if o != p]
+        assert len(changed) == 1 and len(twin) == len(scene)
+        o, p = scene[changed[0]], twin[changed[0]]
+        assert o["shape"] != p["shape"] and {**o, "shape": None} == {**p, "shape": None}
+        assert len({(q["colour"], q["shape"]) for q in twin}) == len(twin)  # still no two alike
+        captions = [scenes.caption(x, np.random.default_rng(1), long=True) for x in (scene, twin)]
+        differ = [(a.strip(",."), b.strip(",.")) for a, b in zip(*(c.split() for c in captions)) if a != b]
+        assert differ == [(o["shape"], p["shape"])]  # the caption differs in the shape word only
+
+
+def test_every_object_lies_inside_one_patch():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = scenes.random_scene(rng)
+        image = scenes.draw(scene)  # no noise: the background is 20 everywhere
+        for o in scene:
+            col, row = scenes.COLUMNS.index(o["column"]), int(o["y"] // 10)
+            alone = scenes.draw([o])
+            ys, xs = np.nonzero((alone != 20).any(-1))
+            assert set(xs // 10) == {col} and set(ys // 10) == {row}
+        assert (image != 20).any()
+
+
+def test_conversation_answers_are_balanced_so_the_words_alone_give_chance():
+    """Each kind of short question has its answers equally often (within sampling error), so the
+    most frequent answer to a question text is right about 1 / (number of answers) of the time."""
+    from collections import Counter, defaultdict
+    rng = np.random.default_rng(0)
+    by_template = defaultdict(Counter)
+    for _ in range(6000):
+        q, a = scenes.question(scenes.random_scene(rng), "conversation", rng)
+        by_template[" ".join(q.split()[:2])][a] += 1
+    expected = {"what colour": 5, "what shape": 4, "is there": 2, "where is": 3, "is the": 2, "how many": 3}
+    assert set(by_template) == set(expected)
+    for template, counts in by_template.items():
+        n = sum(counts.values())
+        assert len(counts) == expected[template], template
+        assert max(counts.values()) / n < 1 / expected[template] + 0.06, (template, counts)
+    talks = [scenes.conversation(scenes.random_scene(rng), rng, 3) for _ in range(300)]
+    prior = scenes.text_prior(talks, np.random.default_rng(1), n=5000)
+    assert 0.28 < prior["conversation"] < 0.42  # chance, averaged over the kinds of question: 0.35
+
+
 # ----------------------------------------------------------------------------- image tokens
 @pytest.mark.parametrize("seed", range(5))
 def test_image_features_land_on_the_image_tokens_in_order(tok, seed):
@@ -125,7 +174,7 @@ def test_logits_match_transformers_llava(tok, tmp_path):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=30, patch_size=10)
+                              image_size=scenes.IMAGE_SIZE, patch_size=scenes.IMAGE_SIZE // 3)
     text = LlamaConfig(vocab_size=tok.n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     theirs = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
@@ -208,12 +257,16 @@ def test_an_image_of_another_size_is_resized_with_a_note(run_dir, tmp_path, caps
     assert np.abs(image.astype(int) - original).mean() < 8  # antialiased bilinear: close, edges blurred
     capsys.readouterr()
     code, _, err = sample(run_dir, capsys, "--image", tmp_path / "big.png", "--prompt", "what?")
-    assert code == 0 and err == f"note: {tmp_path / 'big.png'} is 60x60, resized to the model's 30x30\n"
+    size = scenes.IMAGE_SIZE
+    expected = f"note: {tmp_path / 'big.png'} is {2 * size}x{2 * size}, resized to the model's {size}x{size}\n"
+    assert code == 0 and err == expected
 
 
 # ----------------------------------------------------------------------------- the experiment's smoke run
 @pytest.mark.slow  # the experiment: the slow set (conftest.py)
-def test_experiment_quick_writes_its_json(tmp_path, monkeypatch):
+def test_experiment_quick_shows_clip_seeing_shapes(tmp_path, monkeypatch):
+    """The --quick run already shows the effect's direction: CLIP's zero-shot shape accuracy above
+    chance (25%) by more than three standard errors of 100 scenes."""
     import json
     import runpy
     monkeypatch.setenv("EXPERIMENTS_OUT", str(tmp_path))
@@ -222,9 +275,11 @@ def test_experiment_quick_writes_its_json(tmp_path, monkeypatch):
     sys.modules.pop("common", None)  # common.OUT is read from the environment when common is imported
     runpy.run_path(os.path.join(ROOT, "experiments", "llava.py"), run_name="__main__")
     results = json.loads((tmp_path / "llava_quick.json").read_text())
-    assert set(results["accuracy"]) == {"text only", "stage 1 only", "stage 2 only", "stage 1 + 2",
-                                        "stage 1 + 2, linear"}
+    assert results["quick"] and set(results["accuracy"]) == {"text prior", "text only", "stage 1 only",
+                                                              "stage 2 only", "stage 1 + 2", "stage 1 + 2, linear"}
     for row in results["accuracy"].values():
         assert set(row) == set(scenes.KINDS) and all(len(v) == 1 and 0 <= v[0] <= 1 for v in row.values())
     assert len(results["examples"]) == 8 and {e["kind"] for e in results["examples"]} <= set(scenes.KINDS)
     assert (tmp_path / "llava_quick.png").stat().st_size > 1000
+    [zero_shot] = results["zero_shot"]
+    assert zero_shot["shape"] > 0.25 + 3 * (0.25 * 0.75 / 100) ** 0.5  # > 0.38
