@@ -45,12 +45,12 @@ def main():
     L = np.array([r["val_loss"] for r in rows])
     slope, intercept = np.polyfit(np.log(C), np.log(L), 1)  # log L = log a - alpha log C
     fit = {"a": float(np.exp(intercept)), "alpha": float(-slope)}
-    print(f"fit: L = {fit['a']:.3f} * C^(-{fit['alpha']:.4f})")
+    print(f"fit: L = {fit['a']:.3f} * C^({-fit['alpha']:.4f})")
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6, 4.2))
     ax.loglog(C, L, "o", label="trained models (same tokens)")
     grid = np.geomspace(C.min() / 2, C.max() * 2)
-    ax.loglog(grid, fit["a"] * grid ** -fit["alpha"], "--", label=f"L = {fit['a']:.2f} C^-{fit['alpha']:.3f}")
+    ax.loglog(grid, fit["a"] * grid ** -fit["alpha"], "--", label=f"L = {fit['a']:.2f} C^({-fit['alpha']:.3f})")
     for r in rows:
         ax.annotate(f"{r['n_layer']}x{r['n_embd']}", (r["compute"], r["val_loss"]), fontsize=8,
                     textcoords="offset points", xytext=(4, 4))
