@@ -279,7 +279,7 @@ def train_measured(job):
     trajectory = []
     for step in range(0, s["iters"] + 1, s["every"]):  # max_iters 0: the initial weights, evaluated and saved
         cfg, model_args, explicit = train.parse_args(argv + ["--max_iters", str(step)] + (["--resume"] if step else []))
-        train.plot_losses = runs.plot_losses if step == s["iters"] else lambda history, path: None  # loss.png once
+        train.plot_losses = runs.plot_losses if step == s["iters"] else lambda *args: None  # loss.png once
         with contextlib.redirect_stdout(io.StringIO()):  # train.py's log, 13 times over
             history = train.train(cfg, model_args, explicit)
         model, _, _ = load_run(out_dir)

@@ -93,7 +93,7 @@ def test_documented_command_runs(where, command, reason, fresh_copy, tmp_path):
         argv[0] = sys.executable
     if argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + argv[1:]
-    r = subprocess.run(argv, cwd=fresh_copy, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(argv, cwd=fresh_copy, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, f"{where}: `{command}` failed:\n{r.stderr[-3000:]}"
     if "experiments/" in command and not command.startswith("python -m"):
         made = os.listdir(results) if results.exists() else []
