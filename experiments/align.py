@@ -115,6 +115,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # train.py (the base) keeps this count too
     t0 = time.time()
     root = os.path.join(OUT, "align" + ("_quick" if args.quick else ""))
+    from_scratch = not os.path.isdir(root)  # else finished runs are reused and the time is the rest's
     cfg = AlignConfig(**({**align.QUICK} if args.quick else {}), out_dir=root)
     d = align.run_pipeline(cfg, align.PIPELINE_QUICK if args.quick else None)
     seeds = SEEDS[:2] if args.quick else SEEDS
@@ -190,7 +191,7 @@ def main():
                                      if k in ("prompts_per_step", "samples_per_prompt", "ppo_epochs", "minibatches",
                                               "max_new_tokens")})
                         for m in ("", "lora")]
-    results["seconds"] = time.time() - t0
+    results["seconds"], results["from_scratch"] = time.time() - t0, from_scratch
     for k in ("flan", "rm", "alignment_tax", "sft_recipes"):
         print(f"{k}: {results[k]}")
     for m, w in results["win_rate"].items():
@@ -366,7 +367,8 @@ def tables(results):
     return {"claims": "\n".join(claims), "win_rates": win, "tax": "\n".join(rows), "ablations": ablations,
             "flan": flan, "bench": bench,
             "over_optimization": "\n".join(rows_oo),
-            "time": f"{results['seconds'] / 60:.1f} minutes"}
+            "time": f"{results['seconds'] / 60:.1f} minutes" + ("" if results.get("from_scratch", True) else
+                                                                 " (reusing runs of an earlier invocation)")}
 
 
 if __name__ == "__main__":
